@@ -1,0 +1,5 @@
+import sys
+
+from hybridlib.cli import main
+
+sys.exit(main())

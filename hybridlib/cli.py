@@ -1,0 +1,163 @@
+"""Command line: ``hybridlib run|evaluate|predict|visualize|params ...`` (see ``hybridlib -h``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hybridlib.config import parse_cli_value
+from hybridlib.errors import HybridlibError
+
+
+def _overrides(pairs: list[list[str]] | None) -> dict[str, Any]:
+    return {k: parse_cli_value(v) for k, v in (pairs or [])}
+
+
+def _add_p(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
+        help="Override a parameter (as papermill's -p; values parsed as YAML: 3, 1e-3, [cnn], null).",
+    )
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from hybridlib import pipeline
+
+    if a.resume:
+        if a.params or a.parameter or a.run_name:
+            raise HybridlibError("--resume takes only the run folder; its params.yaml is reused unchanged.")
+        run_dir = pipeline.resume(a.resume, notebooks_dir=a.notebooks)
+    else:
+        if not a.params:
+            raise HybridlibError("hybridlib run needs a params file, e.g. `hybridlib run params/ag_news.yaml`.")
+        run_dir = pipeline.run(a.params, _overrides(a.parameter), a.run_name, a.outputs, a.notebooks)
+    metrics = Path(run_dir) / "metrics.json"
+    print(f"Run finished: {run_dir}")
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        print(f"test_accuracy {m['test_accuracy']:.4f}  test_macro_f1 {m['test_macro_f1']:.4f}  "
+              f"best_val_accuracy {m['best_val_accuracy']:.4f} (epoch {m['best_epoch']})")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from hybridlib.evaluation import evaluate_checkpoint
+
+    over = _overrides(a.parameter)
+    if a.dataset:
+        over["dataset"] = a.dataset
+    out = evaluate_checkpoint(a.checkpoint, a.split, over, progress=not a.json)
+    if a.json:
+        print(json.dumps(out["metrics"], indent=2))
+    else:
+        m = out["metrics"]
+        print(f"{a.split}: accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  ({m['num_examples']} texts)")
+        print(out["report"])
+    return 0
+
+
+def _read_texts(a: argparse.Namespace) -> list[str]:
+    texts = list(a.text or [])
+    if a.file:
+        texts += [line.rstrip("\n") for line in Path(a.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts and not sys.stdin.isatty():
+        texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise HybridlibError("Nothing to predict: pass --text \"...\" (repeatable), --file FILE, or pipe texts on stdin.")
+    return texts
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from hybridlib.prediction import Predictor
+
+    predictor = Predictor.from_checkpoint(a.checkpoint, device=a.device)
+    texts = _read_texts(a)
+    results = predictor.predict(texts)
+    if a.json:
+        for t, r in zip(texts, results):
+            print(json.dumps({"text": t, **r}))
+        return 0
+    names = predictor.label_names
+    width = max(8, *(len(n) for n in names))
+    print(f"{'label':<{width}}  " + "  ".join(f"{n[:10]:>10}" for n in names) + "  text")
+    for t, r in zip(texts, results):
+        probs = "  ".join(f"{r['probabilities'][n]:>10.4f}" for n in names)
+        short = t.replace("\n", " ")
+        print(f"{r['label']:<{width}}  {probs}  {short[:60]}{'...' if len(short) > 60 else ''}")
+    return 0
+
+
+def cmd_visualize(a: argparse.Namespace) -> int:
+    from hybridlib.plots import save_run_plots
+
+    paths, metrics = save_run_plots(a.run_dir)
+    for p in paths:
+        print(f"wrote {p}")
+    if metrics:
+        print(f"test_accuracy {metrics['test_accuracy']:.4f}  test_macro_f1 {metrics['test_macro_f1']:.4f}  "
+              f"best_val_accuracy {metrics['best_val_accuracy']:.4f} (epoch {metrics['best_epoch']})")
+    return 0
+
+
+def cmd_params(a: argparse.Namespace) -> int:
+    from hybridlib.config import describe
+
+    print(describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridlib", description="CNN ∥ BiLSTM text classification, run by notebooks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="Execute the numbered notebooks with papermill into outputs/<run_name>/.")
+    p.add_argument("params", nargs="?", help="Params YAML, e.g. params/imdb.yaml.")
+    p.add_argument("--run-name", help="Name of the run folder (default: <dataset>-<timestamp>); must not exist.")
+    p.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run (its last.pt) and finish its notebooks.")
+    p.add_argument("--outputs", help="Folder for runs (default: $HYBRIDLIB_OUTPUTS or ./outputs).")
+    p.add_argument("--notebooks", type=Path, help="Folder with the numbered notebooks (default: the project's).")
+    _add_p(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("evaluate", help="Evaluate a checkpoint on a dataset split.")
+    p.add_argument("--checkpoint", required=True, help="A run's model.pt.")
+    p.add_argument("--dataset", help="Dataset to evaluate on (default: the checkpoint's).")
+    p.add_argument("--split", default="test", help="test (default), validation or train.")
+    p.add_argument("--json", action="store_true", help="Print the metrics as JSON.")
+    _add_p(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="Predict labels and class probabilities for texts.")
+    p.add_argument("--checkpoint", required=True, help="A run's model.pt.")
+    p.add_argument("--text", action="append", help="A text to classify (repeatable).")
+    p.add_argument("--file", help="A file with one text per line.")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("visualize", help="Write a run's plots and print its metrics.")
+    p.add_argument("--run-dir", required=True, help="A run folder, e.g. outputs/imdb-20260101-120000.")
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("params", help="List every parameter with its type, default and meaning.")
+    p.set_defaults(func=cmd_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HybridlibError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Run a model over a split and turn its predictions into metrics, reports and mistake tables."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
+from tqdm.auto import tqdm
+
+from hybridlib.runtime import autocast
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "Predicting",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, labels, row order) for every batch of ``loader``, in fp32 numpy.
+
+    The loader may reorder rows (length buckets): the third array gives each row's index in the split.
+    """
+    model.eval()
+    logits, labels, order = [], [], []
+    sampler = loader.batch_sampler
+    batches = list(sampler) if sampler is not None else None
+    for i, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        mask = batch["attention_mask"].to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            out = model(ids, mask)
+        logits.append(out.float().cpu())
+        if "labels" in batch:
+            labels.append(batch["labels"])
+        if batches is not None:
+            order.append(torch.as_tensor(batches[i]))
+    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
+    return cat(logits), cat(labels), cat(order)
+
+
+def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    t = torch.from_numpy(logits)
+    y = torch.from_numpy(labels)
+    return float(F.cross_entropy(t, y)), float((t.argmax(1) == y).float().mean())
+
+
+def evaluate_split(model, ds, cfg, pad_id: int, device: torch.device, amp_dtype=None, progress: bool = True) -> dict[str, np.ndarray]:
+    """Predictions for a whole tokenized split, in the split's row order."""
+    from hybridlib.data import make_loader
+
+    loader = make_loader(ds, cfg, pad_id, train=False)
+    logits, labels, order = predict_logits(model, loader, device, amp_dtype, progress, desc="Evaluating")
+    inv = np.argsort(order)
+    logits, labels = logits[inv], labels[inv]
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    return {"logits": logits, "probs": probs, "preds": probs.argmax(1), "labels": labels}
+
+
+def compute_metrics(labels: np.ndarray, preds: np.ndarray, label_names: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix."""
+    idx = list(range(len(label_names)))
+    p, r, f, s = precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_f1": float(f1_score(labels, preds, labels=idx, average="macro", zero_division=0)),
+        "per_class": {
+            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, name in enumerate(label_names)
+        },
+        "confusion_matrix": confusion_matrix(labels, preds, labels=idx).tolist(),
+        "label_names": list(label_names),
+    }
+
+
+def report_text(labels: np.ndarray, preds: np.ndarray, label_names: list[str]) -> str:
+    return classification_report(
+        labels, preds, labels=list(range(len(label_names))), target_names=label_names, digits=4, zero_division=0
+    )
+
+
+def confident_mistakes(texts: list[str], result: dict[str, np.ndarray], label_names: list[str], k: int = 10):
+    """The ``k`` wrong predictions the model was surest of, as a DataFrame."""
+    import pandas as pd
+
+    wrong = np.flatnonzero(result["preds"] != result["labels"])
+    conf = result["probs"][wrong, result["preds"][wrong]]
+    top = wrong[np.argsort(-conf)[:k]]
+    return pd.DataFrame(
+        {
+            "text": [texts[i][:300] for i in top],
+            "true": [label_names[result["labels"][i]] for i in top],
+            "predicted": [label_names[result["preds"][i]] for i in top],
+            "confidence": result["probs"][top, result["preds"][top]].round(4),
+        }
+    )
+
+
+def library_versions() -> dict[str, str]:
+    import datasets
+    import sklearn
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "datasets": datasets.__version__,
+        "transformers": transformers.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run's best model.pt on the test split; write metrics.json and classification_report.txt."""
+    import json
+    from pathlib import Path
+
+    from hybridlib.checkpoint import atomic_write
+    from hybridlib.prediction import load_model
+    from hybridlib.runtime import resolve_device, resolve_precision
+    from hybridlib.training import load_history
+
+    run_dir = Path(run_dir)
+    device = device or resolve_device(cfg.device)
+    model, ckpt = load_model(run_dir / "model.pt", device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
+    amp = resolve_precision(cfg.precision, device)
+    test = evaluate_split(model, data.splits["test"], cfg, data.pad_id, device, amp, progress)
+    m = compute_metrics(test["labels"], test["preds"], data.label_names)
+    history = load_history(run_dir) if (run_dir / "training_log.csv").exists() else []
+    from hybridlib.model import count_parameters
+
+    metrics = {
+        "run_name": run_dir.name,
+        "dataset": cfg.dataset,
+        "test_accuracy": m["accuracy"],
+        "test_macro_f1": m["macro_f1"],
+        "best_val_accuracy": float(ckpt["best_metric"]),
+        "best_epoch": int(ckpt["epoch"]),
+        "epochs_run": len(history),
+        "train_seconds": float(sum(r["seconds"] for r in history)),
+        "num_parameters": count_parameters(model),
+        "num_train": len(data.splits["train"]),
+        "num_validation": len(data.splits["validation"]),
+        "num_test": len(data.splits["test"]),
+        **{k: m[k] for k in ("per_class", "confusion_matrix", "label_names")},
+        "device": str(device),
+        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "params": cfg.to_dict(),
+        "versions": library_versions(),
+    }
+    atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    report = report_text(test["labels"], test["preds"], data.label_names)
+    atomic_write(run_dir / "classification_report.txt", lambda tmp: Path(tmp).write_text(report))
+    return {"metrics": metrics, "report": report, "test": test}
+
+
+def evaluate_checkpoint(path, split: str = "test", overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Metrics of a saved model on a split of its dataset (or of another, via ``overrides``)."""
+    from pathlib import Path
+
+    from hybridlib.checkpoint import load_checkpoint
+    from hybridlib.config import config_from_dict, validate
+    from hybridlib.data import load_tokenizer, prepare_data
+    from hybridlib.errors import ConfigError
+    from hybridlib.prediction import load_model
+    from hybridlib.runtime import resolve_device, resolve_precision
+
+    if split not in ("train", "validation", "test"):
+        raise ConfigError(f"--split must be train, validation or test, got {split!r}.")
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    values = dict(ckpt["config"])
+    overrides = validate(overrides or {}, source="-p")
+    if overrides.get("dataset", values["dataset"]) != values["dataset"] and "data_dir" not in overrides:
+        values["data_dir"] = None  # another dataset: don't read the training data's folder
+    values.update(overrides, resume=False)
+    cfg = config_from_dict(values)
+    local_tok = path.parent / "tokenizer"
+    tok = load_tokenizer(str(local_tok) if local_tok.is_dir() and "tokenizer" not in overrides else cfg.tokenizer)
+    data = prepare_data(cfg, tok)
+    device = resolve_device(cfg.device)
+    model, _ = load_model(path, device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
+    res = evaluate_split(model, data.splits[split], cfg, data.pad_id, device, resolve_precision(cfg.precision, device), progress)
+    m = compute_metrics(res["labels"], res["preds"], data.label_names)
+    m.update(split=split, dataset=cfg.dataset, num_examples=int(len(res["labels"])), checkpoint=str(path))
+    return {"metrics": m, "report": report_text(res["labels"], res["preds"], data.label_names)}
+
+
+def metrics_table(metrics: dict[str, Any]):
+    """Headline numbers and per-class scores of a metrics dict as DataFrames (for notebooks)."""
+    import pandas as pd
+    from IPython.display import display
+
+    head = pd.Series({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch",
+                                              "train_seconds", "num_parameters") if k in metrics}, name="value")
+    display(head.to_frame())
+    return pd.DataFrame(metrics["per_class"]).T.round(4)

@@ -1,0 +1,142 @@
+"""The CNN ∥ BiLSTM text classifier.
+
+token ids → shared embedding → [BiLSTM → masked max/mean pooling] ∥ [multi-kernel CNN → ReLU →
+masked max-over-time] → concat → dropout → MLP → logits.
+
+Padding never reaches the pooled features: pad embeddings are zeroed, the backward LSTM reads
+each sequence's real tokens reversed in place (pads stay at the end, so they are read after
+every real token and change nothing that is pooled), pooling masks pad positions, and the CNN
+only pools windows that start at or before ``max(length - k, 0)``. Packed sequences would do
+the same for the LSTM but measured about 2x slower on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlib.config import Config
+
+
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse the first ``lengths[i]`` steps of each sequence in ``x`` (B, T, ...), keep the rest."""
+    T = x.size(1)
+    steps = torch.arange(T, device=x.device).unsqueeze(0)  # (1, T)
+    lens = lengths.unsqueeze(1)
+    idx = torch.where(steps < lens, lens - 1 - steps, steps)  # (B, T)
+    idx = idx.view(idx.size(0), T, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, idx)
+
+
+class BiLSTMBranch(nn.Module):
+    """Stacked bidirectional LSTM built from one-directional LSTMs, so padding is never read first."""
+
+    def __init__(self, input_dim: int, hidden: int, layers: int, pooling: str, dropout: float):
+        super().__init__()
+        self.pooling = pooling
+        self.fwd = nn.ModuleList()
+        self.bwd = nn.ModuleList()
+        for i in range(layers):
+            d_in = input_dim if i == 0 else 2 * hidden
+            self.fwd.append(nn.LSTM(d_in, hidden, batch_first=True))
+            self.bwd.append(nn.LSTM(d_in, hidden, batch_first=True))
+        self.between = nn.Dropout(dropout)
+        self.out_dim = 2 * hidden * (2 if pooling == "both" else 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        for i, (fwd, bwd) in enumerate(zip(self.fwd, self.bwd)):
+            if i > 0:
+                x = self.between(x)
+            out_f, _ = fwd(x)
+            out_b, _ = bwd(reverse_padded(x, lengths))
+            x = torch.cat([out_f, reverse_padded(out_b, lengths)], dim=-1)
+        m = mask.unsqueeze(-1)
+        pooled = []
+        if self.pooling in ("max", "both"):
+            pooled.append(x.masked_fill(~m, float("-inf")).amax(dim=1))
+        if self.pooling in ("mean", "both"):
+            pooled.append((x * m).sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(x.dtype))
+        return torch.cat(pooled, dim=-1)
+
+
+class CNNBranch(nn.Module):
+    """Parallel 1D convolutions of several widths, ReLU, max over the valid positions."""
+
+    def __init__(self, input_dim: int, kernel_sizes: list[int], filters: int):
+        super().__init__()
+        self.kernel_sizes = list(kernel_sizes)
+        self.convs = nn.ModuleList(nn.Conv1d(input_dim, filters, k) for k in self.kernel_sizes)
+        self.out_dim = filters * len(self.kernel_sizes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        kmax = max(self.kernel_sizes)
+        if x.size(1) < kmax:  # inputs shorter than the widest kernel: zero-pad to fit it
+            x = F.pad(x, (0, 0, 0, kmax - x.size(1)))
+        h = x.transpose(1, 2)  # (B, E, T)
+        feats = []
+        for k, conv in zip(self.kernel_sizes, self.convs):
+            c = conv(h)  # (B, F, T-k+1)
+            pos = torch.arange(c.size(2), device=c.device).unsqueeze(0)
+            valid = pos <= (lengths - k).clamp(min=0).unsqueeze(1)  # windows that start inside the text
+            feats.append(F.relu(c.masked_fill(~valid.unsqueeze(1), float("-inf")).amax(dim=2)))
+        return torch.cat(feats, dim=-1)
+
+
+class HybridClassifier(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        self.embed_dropout = cfg.embed_dropout
+        self.lstm = (
+            BiLSTMBranch(cfg.embed_dim, cfg.lstm_hidden, cfg.lstm_layers, cfg.lstm_pooling, cfg.dropout)
+            if "lstm" in cfg.branches
+            else None
+        )
+        self.cnn = CNNBranch(cfg.embed_dim, cfg.cnn_kernel_sizes, cfg.cnn_filters) if "cnn" in cfg.branches else None
+        feat_dim = (self.lstm.out_dim if self.lstm else 0) + (self.cnn.out_dim if self.cnn else 0)
+        if cfg.mlp_hidden > 0:
+            self.head = nn.Sequential(
+                nn.Dropout(cfg.dropout),
+                nn.Linear(feat_dim, cfg.mlp_hidden),
+                nn.ReLU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.mlp_hidden, num_classes),
+            )
+        else:
+            self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(feat_dim, num_classes))
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The concatenated pooled branch features (before dropout and the MLP)."""
+        if attention_mask is None:
+            attention_mask = input_ids.ne(self.pad_id)
+        mask = attention_mask.bool()
+        lengths = mask.sum(dim=1)
+        keep = mask.unsqueeze(-1).to(self.embedding.weight.dtype)
+        if self.training and self.embed_dropout > 0:
+            # word-level dropout: drop whole token vectors (cheaper than per element, regularises more)
+            keep = F.dropout(keep, self.embed_dropout)
+        x = self.embedding(input_ids) * keep
+        parts = []
+        if self.lstm is not None:
+            parts.append(self.lstm(x, mask, lengths))
+        if self.cnn is not None:
+            parts.append(self.cnn(x, mask, lengths))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))
+
+
+def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0) -> HybridClassifier:
+    model = HybridClassifier(cfg, vocab_size, num_classes, pad_id)
+    if cfg.pretrained_embeddings:
+        from hybridlib.embeddings import load_pretrained_embeddings
+
+        load_pretrained_embeddings(model.embedding, cfg.pretrained_embeddings)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,88 @@
+"""Figures of a run: loss/accuracy curves and the confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+
+def plot_curves(history: list[dict[str, float]], path: str | Path | None = None, title: str = ""):
+    """Train/validation loss and accuracy per epoch (the best epoch marked)."""
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
+    ax_acc.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="validation")
+    if history:
+        best = max(history, key=lambda r: r["val_accuracy"])
+        ax_acc.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best (epoch {int(best['epoch'])})")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str | Path | None = None, title: str = ""):
+    """Confusion matrix as a seaborn heatmap: counts annotated, colour by row-normalised rate."""
+    cm = np.asarray(cm)
+    rates = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+    size = max(4.5, 0.9 * len(label_names) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    sns.heatmap(
+        rates, annot=cm, fmt="d", cmap="Blues", vmin=0, vmax=1, square=True,
+        xticklabels=label_names, yticklabels=label_names, cbar_kws={"label": "fraction of true class"}, ax=ax,
+    )
+    ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix (test)")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_length_distribution(lengths, max_length: int, path: str | Path | None = None):
+    """Histogram of token counts (before truncation) with the max_length cut marked."""
+    lengths = np.asarray(lengths)
+    cut = float((lengths > max_length).mean())
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    sns.histplot(lengths, bins=60, ax=ax)
+    ax.axvline(max_length, color="red", ls="--", label=f"max_length={max_length} ({cut:.1%} truncated)")
+    ax.set(xlabel="tokens per text", ylabel="texts", title="Token length distribution (train)")
+    ax.legend()
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def save_run_plots(run_dir: str | Path) -> tuple[list[Path], dict | None]:
+    """Write loss_acc_curves.png (and confusion_matrix.png once metrics.json exists) for a run."""
+    import json
+
+    from hybridlib.errors import RunError
+    from hybridlib.training import load_history
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "training_log.csv").is_file():
+        raise RunError(f"{run_dir} has no training_log.csv: it is not a trained run (or training has not finished an epoch).")
+    written = [run_dir / "loss_acc_curves.png"]
+    plot_curves(load_history(run_dir), written[0], title=run_dir.name)
+    metrics = None
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        written.append(run_dir / "confusion_matrix.png")
+        plot_confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], written[1],
+                              title=f"Confusion matrix (test, accuracy {metrics['test_accuracy']:.2%})")
+    plt.close("all")
+    return written, metrics

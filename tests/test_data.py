@@ -1,0 +1,570 @@
+"""hybridlib.data: local loading, label encoding, checks, tokenizing (cached), splitting, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import fixtures
+from hybridlib import data as hd
+from hybridlib.config import load_config
+from hybridlib.data import Collator, LengthBucketSampler, load_raw, prepare_data
+from hybridlib.errors import DataError
+
+
+@pytest.fixture
+def cfg_for(tiny_params):
+    """cfg_for(data_dir, **overrides): the tiny config pointed at another data folder."""
+
+    def make(data_dir, **overrides):
+        return load_config(tiny_params, overrides={"data_dir": str(data_dir), **overrides})
+
+    return make
+
+
+def write_parquet(folder, split, columns: dict, schema=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), folder / f"{split}.parquet")
+
+
+def split_rows(d, split):
+    s = d.splits[split]
+    return list(zip(s["text"], s["label"]))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_prepare_data_tiny(tiny_cfg, tiny_tokenizer):
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert set(d.splits) == {"train", "validation", "test"}
+    assert len(d.splits["train"]) + len(d.splits["validation"]) == 240
+    assert len(d.splits["validation"]) == round(240 * tiny_cfg.val_size)
+    assert len(d.splits["test"]) == 80
+    assert d.label_names == ["sports", "business", "science"]
+    assert d.pad_id == 0
+    assert d.vocab_size == len(tiny_tokenizer)
+    for name in ("text", "label", "input_ids", "length"):
+        assert name in d.splits["train"].column_names
+    row = d.splits["train"][0]
+    assert row["length"] == len(row["input_ids"]) <= tiny_cfg.max_length
+    assert row["input_ids"][0] == tiny_tokenizer.cls_token_id
+    assert row["input_ids"][-1] == tiny_tokenizer.sep_token_id
+
+
+def test_prepare_data_loads_tokenizer_from_cfg(tiny_cfg):
+    d = prepare_data(tiny_cfg)
+    assert d.tokenizer.is_fast
+    assert d.tokenizer_id == hd.tokenizer_fingerprint(d.tokenizer)
+
+
+def test_formats_give_the_same_result(tmp_path, cfg_for, tiny_tokenizer):
+    results = {}
+    for fmt in ("parquet", "csv", "jsonl"):
+        folder = fixtures.make_tiny_dataset(tmp_path / fmt, n_train=60, n_test=20, fmt=fmt)
+        assert (folder / f"train.{fmt}").is_file() and (folder / f"test.{fmt}").is_file()
+        d = prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
+        results[fmt] = {s: split_rows(d, s) for s in ("train", "validation", "test")}
+        results[fmt]["names"] = d.label_names
+    assert results["parquet"] == results["csv"] == results["jsonl"]
+
+
+def test_string_labels_sorted_names(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "s", n_train=60, n_test=20, string_labels=True)
+    d = prepare_data(cfg_for(folder, label_names=None), tokenizer=tiny_tokenizer)
+    assert d.label_names == ["business", "science", "sports"]
+    raw = pd.read_parquet(folder / "test.parquet")
+    by_text = dict(zip(raw["text"], raw["label"]))
+    for text, label in split_rows(d, "test"):
+        assert d.label_names[label] == by_text[text]
+
+
+def test_string_labels_follow_label_names_order(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "s", n_train=60, n_test=20, string_labels=True)
+    names = ["science", "sports", "business"]
+    d = prepare_data(cfg_for(folder, label_names=names), tokenizer=tiny_tokenizer)
+    assert d.label_names == names
+    assert d.splits["train"].features["label"].names == names
+    raw = pd.read_parquet(folder / "train.parquet")
+    by_text = dict(zip(raw["text"], raw["label"]))
+    for text, label in split_rows(d, "train") + split_rows(d, "validation"):
+        assert names[label] == by_text[text]
+
+
+def test_int_labels_with_label_names(tiny_cfg, tiny_tokenizer, tiny_data_dir):
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert d.label_names == ["sports", "business", "science"]
+    raw = pd.read_parquet(tiny_data_dir / "test.parquet")
+    by_text = dict(zip(raw["text"], raw["label"]))
+    for text, label in split_rows(d, "test"):
+        assert label == by_text[text]
+
+
+def test_int_labels_without_label_names(tiny_cfg, tiny_tokenizer):
+    tiny_cfg.label_names = None
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert d.label_names == ["0", "1", "2"]
+
+
+def test_int_labels_many_classes_without_label_names(tmp_path, cfg_for, tiny_tokenizer):
+    """Twelve classes 0..11: the ids must be checked numerically (not as strings: "10" < "2")."""
+    k = 12
+    words = [f"word{i}" for i in range(k)]
+    texts = [f"{words[i % k]} text number {i}" for i in range(12 * k)]
+    labels = [i % k for i in range(12 * k)]
+    folder = tmp_path / "many"
+    write_parquet(folder, "train", {"text": texts, "label": labels})
+    write_parquet(folder, "test", {"text": texts[:k], "label": labels[:k]})
+    d = prepare_data(cfg_for(folder, label_names=None, val_size=0.5), tokenizer=tiny_tokenizer)
+    assert d.label_names == [str(i) for i in range(k)]
+    assert sorted(set(d.splits["test"]["label"])) == list(range(k))
+
+
+def test_int_label_outside_label_names(tiny_cfg, tiny_tokenizer):
+    tiny_cfg.label_names = ["sports", "business"]  # the data has ids 0, 1, 2
+    with pytest.raises(DataError) as e:
+        prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert "[2]" in str(e.value)
+    assert "label_names" in str(e.value)
+
+
+def test_string_label_outside_label_names(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "s", n_train=60, n_test=20, string_labels=True)
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg_for(folder, label_names=["sports", "business"]), tokenizer=tiny_tokenizer)
+    assert "science" in str(e.value)
+    assert "label_names" in str(e.value)
+
+
+def test_int_labels_not_0_to_k(tmp_path, cfg_for, tiny_tokenizer):
+    folder = tmp_path / "gap"
+    texts = [f"text {i}" for i in range(40)]
+    write_parquet(folder, "train", {"text": texts, "label": [1 + 2 * (i % 2) for i in range(40)]})  # 1 and 3
+    write_parquet(folder, "test", {"text": texts[:4], "label": [1, 3, 1, 3]})
+    with pytest.raises(DataError, match="0..K-1"):
+        prepare_data(cfg_for(folder, label_names=None), tokenizer=tiny_tokenizer)
+
+
+def test_single_class_rejected(tmp_path, cfg_for, tiny_tokenizer):
+    folder = tmp_path / "one"
+    write_parquet(folder, "train", {"text": ["a b c"] * 20, "label": ["x"] * 20})
+    write_parquet(folder, "test", {"text": ["a"], "label": ["x"]})
+    with pytest.raises(DataError, match="at least 2 classes"):
+        prepare_data(cfg_for(folder, label_names=None), tokenizer=tiny_tokenizer)
+
+
+def test_missing_data_dir(tmp_path, cfg_for):
+    cfg = cfg_for(tmp_path / "does_not_exist")
+    with pytest.raises(DataError) as e:
+        load_raw(cfg)
+    assert "data_dir" in str(e.value)
+    assert "does_not_exist" in str(e.value)
+
+
+def test_missing_split(tmp_path, cfg_for):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
+    (folder / "test.parquet").unlink()
+    with pytest.raises(DataError) as e:
+        load_raw(cfg_for(folder))
+    msg = str(e.value)
+    assert "'test'" in msg
+    assert "train.parquet" in msg  # lists what the folder holds
+
+
+def test_custom_split_names(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=60, n_test=20)
+    (folder / "test.parquet").rename(folder / "heldout.parquet")
+    d = prepare_data(cfg_for(folder, test_split="heldout"), tokenizer=tiny_tokenizer)
+    assert len(d.splits["test"]) == 20
+
+
+@pytest.mark.parametrize("missing", ["text", "label"])
+def test_missing_column_lists_existing_columns(tmp_path, cfg_for, tiny_tokenizer, missing):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
+    for split in ("train", "test"):
+        df = pd.read_parquet(folder / f"{split}.parquet").rename(columns={missing: "renamed"})
+        df.to_parquet(folder / f"{split}.parquet", index=False)
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
+    msg = str(e.value)
+    assert f"'{missing}'" in msg
+    assert "renamed" in msg
+    assert f"{missing}_column" in msg
+
+
+def test_other_column_names(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=60, n_test=20)
+    for split in ("train", "test"):
+        df = pd.read_parquet(folder / f"{split}.parquet").rename(columns={"text": "body", "label": "topic"})
+        df["extra"] = 1
+        df.to_parquet(folder / f"{split}.parquet", index=False)
+    d = prepare_data(cfg_for(folder, text_column="body", label_column="topic"), tokenizer=tiny_tokenizer)
+    assert {"text", "label"} <= set(d.splits["test"].column_names)
+    assert "extra" not in d.splits["test"].column_names
+
+
+def test_empty_split(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
+    schema = pa.schema([("text", pa.string()), ("label", pa.int64())])
+    write_parquet(folder, "test", {"text": [], "label": []}, schema=schema)
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
+    assert "empty" in str(e.value) or "test" in str(e.value)
+
+
+def test_null_text(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
+    df = pd.read_parquet(folder / "train.parquet")
+    df.loc[[3, 7], "text"] = None
+    df.to_parquet(folder / "train.parquet", index=False)
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
+    msg = str(e.value)
+    assert "'text'" in msg and "2 missing" in msg and "[3, 7]" in msg
+
+
+def test_null_label(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
+    df = pd.read_parquet(folder / "test.parquet")
+    labels = [None if i == 4 else int(v) for i, v in enumerate(df["label"])]
+    write_parquet(folder, "test", {"text": list(df["text"]), "label": pa.array(labels, pa.int64())})
+    with pytest.raises(DataError, match="'label'"):
+        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
+
+
+def test_empty_text_allowed(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=60, n_test=20)
+    df = pd.read_parquet(folder / "test.parquet")
+    df.loc[0, "text"] = ""
+    df.to_parquet(folder / "test.parquet", index=False)
+    d = prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
+    row = [r for r in d.splits["test"] if r["text"] == ""]
+    assert len(row) == 1
+    assert row[0]["input_ids"] == [tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id]
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def test_validation_split_stratified(tiny_cfg, tiny_tokenizer):
+    tiny_cfg.val_size = 0.25
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    counts = np.bincount(d.splits["validation"]["label"], minlength=3)
+    assert counts.sum() == 60
+    assert counts.tolist() == [20, 20, 20]  # 80 rows of each class in train, 25% each
+    train_texts = set(d.splits["train"]["text"])
+    assert not train_texts & set(d.splits["validation"]["text"])
+
+
+def test_validation_split_fixed_by_seed(tiny_cfg, tiny_tokenizer):
+    a = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    b = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert a.splits["validation"]["text"] == b.splits["validation"]["text"]
+    assert a.splits["train"]["text"] == b.splits["train"]["text"]
+    tiny_cfg.seed = tiny_cfg.seed + 1
+    c = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert set(c.splits["validation"]["text"]) != set(a.splits["validation"]["text"])
+    assert a.splits["test"]["text"] == c.splits["test"]["text"]  # test is never resampled without a cap
+
+
+def test_max_train_samples(tiny_cfg, tiny_tokenizer):
+    tiny_cfg.max_train_samples = 100
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert len(d.splits["train"]) + len(d.splits["validation"]) == 100
+    assert len(d.splits["validation"]) == round(100 * tiny_cfg.val_size)
+    assert len(d.splits["test"]) == 80
+
+
+def test_max_eval_samples(tiny_cfg, tiny_tokenizer):
+    tiny_cfg.max_eval_samples = 10
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert len(d.splits["validation"]) == 10
+    assert len(d.splits["test"]) == 10
+    assert len(d.splits["train"]) == 240 - round(240 * tiny_cfg.val_size)
+
+
+def test_too_small_for_validation(tiny_cfg, tiny_tokenizer):
+    tiny_cfg.max_train_samples = 5
+    with pytest.raises(DataError, match="val_size"):
+        prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tiny_tokenizer_loads_fast(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    assert tok.is_fast
+    assert tok.pad_token_id == 0
+    assert 300 <= len(tok) <= 500
+    for t in ("[UNK]", "[CLS]", "[SEP]", "[MASK]"):
+        assert t in tok.get_vocab()
+
+
+def test_real_words_are_not_unk(tiny_tokenizer):
+    text = "The football team scored a goal while scientists studied the market economy."
+    ids = tiny_tokenizer(text)["input_ids"]
+    assert tiny_tokenizer.unk_token_id not in ids
+    # keywords of every class are whole tokens of the tiny vocabulary
+    vocab = tiny_tokenizer.get_vocab()
+    for words in fixtures.KEYWORDS.values():
+        assert sum(w in vocab for w in words) >= len(words) // 2
+    # lowercase: case does not change the ids
+    assert tiny_tokenizer("FOOTBALL Market")["input_ids"] == tiny_tokenizer("football market")["input_ids"]
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(DataError, match="is a file"):
+        f = tmp_path / "vocab.txt"
+        f.write_text("[PAD]\n")
+        hd.load_tokenizer(str(f))
+    empty = tmp_path / "empty_tok"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty_tok"):
+        hd.load_tokenizer(str(empty))
+
+
+def test_hub_tokenizer_offline_gives_data_error(monkeypatch):
+    _keep_offline_state(monkeypatch)
+    with pytest.raises(DataError, match="tokenizer"):
+        hd.load_tokenizer("hybridlib-no-such-org/no-such-tokenizer")
+
+
+def test_tokenizer_fingerprint(tiny_tokenizer, tmp_path):
+    fp = hd.tokenizer_fingerprint(tiny_tokenizer)
+    assert fp == hd.tokenizer_fingerprint(tiny_tokenizer)
+    other = hd.load_tokenizer(str(fixtures.make_tiny_tokenizer(tmp_path / "t2", vocab_size=300)))
+    assert hd.tokenizer_fingerprint(other) != fp
+
+
+def test_tokenizing_twice_hits_the_cache(tmp_path, cfg_for, tiny_tokenizer, monkeypatch):
+    folder = fixtures.make_tiny_dataset(tmp_path / "fresh", n_train=60, n_test=20, seed=7)
+    cfg = cfg_for(folder)
+    calls = []
+    real = hd.encode_texts
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hd, "encode_texts", counting)
+    first = prepare_data(cfg, tokenizer=tiny_tokenizer)
+    assert calls, "the first call should tokenize"
+    n_first = len(calls)
+    second = prepare_data(cfg, tokenizer=tiny_tokenizer)
+    assert len(calls) == n_first, "the second call re-tokenized instead of using the datasets cache"
+    for split in ("train", "validation", "test"):
+        assert first.splits[split]["input_ids"] == second.splits[split]["input_ids"]
+    # a different max_length is a different cache entry
+    cfg.max_length = 16
+    third = prepare_data(cfg, tokenizer=tiny_tokenizer)
+    assert len(calls) > n_first
+    assert max(third.splits["train"]["length"]) <= 16
+
+
+def _long_text(tok, n_words: int) -> tuple[str, list[str]]:
+    """A text of ``n_words`` distinct in-vocabulary words (one token each)."""
+    vocab = tok.get_vocab()
+    words = sorted(w for w in vocab if w.isalpha() and len(w) > 3 and not w.startswith("##"))
+    assert len(words) >= n_words
+    return " ".join(words[:n_words]), words[:n_words]
+
+
+@pytest.mark.parametrize("max_length", [16, 17, 64])
+def test_head_tail_truncation_keeps_first_and_last_tokens(tmp_path, cfg_for, tiny_tokenizer, max_length):
+    text, words = _long_text(tiny_tokenizer, 80)
+    folder = tmp_path / "long"
+    write_parquet(folder, "train", {"text": [text] * 10 + ["short text"] * 10, "label": [0] * 10 + [1] * 10})
+    write_parquet(folder, "test", {"text": [text, "short text"], "label": [0, 1]})
+    cfg = cfg_for(folder, label_names=None, truncation="head_tail", max_length=max_length, val_size=0.2)
+    d = prepare_data(cfg, tokenizer=tiny_tokenizer)
+    row = [r for r in d.splits["test"] if r["text"] == text][0]
+    ids = row["input_ids"]
+    all_ids = tiny_tokenizer.convert_tokens_to_ids(words)
+    assert len(ids) == max_length == row["length"]
+    assert ids[0] == tiny_tokenizer.cls_token_id and ids[-1] == tiny_tokenizer.sep_token_id
+    body = ids[1:-1]
+    assert body[0] == all_ids[0], "head_tail lost the first token"
+    assert body[-1] == all_ids[-1], "head_tail lost the last token"
+    budget = max_length - 2
+    head = budget // 4
+    assert body == all_ids[:head] + all_ids[len(all_ids) - (budget - head) :]
+    short = [r for r in d.splits["test"] if r["text"] == "short text"][0]
+    assert short["input_ids"] == tiny_tokenizer("short text")["input_ids"]  # short texts are not cut
+
+
+def test_head_truncation_keeps_the_head(tmp_path, cfg_for, tiny_tokenizer):
+    text, words = _long_text(tiny_tokenizer, 80)
+    folder = tmp_path / "long"
+    write_parquet(folder, "train", {"text": [text] * 10 + ["short text"] * 10, "label": [0] * 10 + [1] * 10})
+    write_parquet(folder, "test", {"text": [text], "label": [0]})
+    cfg = cfg_for(folder, label_names=None, truncation="head", max_length=20, val_size=0.2)
+    d = prepare_data(cfg, tokenizer=tiny_tokenizer)
+    ids = d.splits["test"][0]["input_ids"]
+    assert len(ids) == 20
+    assert ids[1:-1] == tiny_tokenizer.convert_tokens_to_ids(words)[:18]
+    assert ids[-1] == tiny_tokenizer.sep_token_id
+
+
+# ----------------------------------------------------------------------------- offline hub
+
+
+def _keep_offline_state(monkeypatch):
+    """go_offline() mutates env and module globals: record them so monkeypatch restores them."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.delenv("HYBRIDLIB_DATA_DIR", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    if hasattr(datasets.config, "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
+
+
+def test_hub_unreachable_offline():
+    assert hd.hub_reachable() is False  # HF_HUB_OFFLINE=1: no network attempt at all
+
+
+def test_hub_dataset_offline_gives_data_error(monkeypatch):
+    _keep_offline_state(monkeypatch)
+    cfg = load_config(overrides={"dataset": "imdb"})
+    assert cfg.data_dir is None
+    # Only DataError may escape (any other exception, e.g. a connection error after retries, fails the test).
+    with pytest.raises(DataError) as e:
+        load_raw(cfg)
+    assert "data_dir" in str(e.value)
+    assert "imdb" in str(e.value)
+
+
+def test_hybridlib_data_dir_env(tmp_path, monkeypatch, tiny_data_dir):
+    import shutil
+
+    shutil.copytree(tiny_data_dir, tmp_path / "tiny")
+    monkeypatch.setenv("HYBRIDLIB_DATA_DIR", str(tmp_path))
+    cfg = load_config(overrides={"dataset": "tiny"})
+    assert hd.resolve_data_dir(cfg) == tmp_path / "tiny"
+    raw = load_raw(cfg)
+    assert len(raw["train"]) == 240 and len(raw["test"]) == 80
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _all_indices(batches) -> list[int]:
+    return sorted(int(i) for b in batches for i in b)
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+@pytest.mark.parametrize("n,batch_size", [(100, 16), (64, 16), (7, 3), (1, 4)])
+def test_sampler_covers_every_index_once(bucket, n, batch_size):
+    lengths = np.random.default_rng(0).integers(1, 50, size=n)
+    for shuffle in (True, False):
+        s = LengthBucketSampler(lengths, batch_size, shuffle=shuffle, bucket=bucket, seed=3)
+        for epoch in range(3):
+            s.set_epoch(epoch)
+            batches = list(s)
+            assert _all_indices(batches) == list(range(n))
+            assert len(batches) == len(s) == -(-n // batch_size)
+            assert all(1 <= len(b) <= batch_size for b in batches)
+
+
+def test_sampler_order_changes_with_epoch_and_is_reproducible():
+    lengths = np.random.default_rng(1).integers(1, 50, size=200)
+    s = LengthBucketSampler(lengths, 8, shuffle=True, bucket=True, seed=5)
+    s.set_epoch(1)
+    e1 = list(s)
+    s.set_epoch(2)
+    e2 = list(s)
+    assert e1 != e2
+    again = LengthBucketSampler(lengths, 8, shuffle=True, bucket=True, seed=5)
+    again.set_epoch(1)
+    assert list(again) == e1
+    other_seed = LengthBucketSampler(lengths, 8, shuffle=True, bucket=True, seed=6)
+    other_seed.set_epoch(1)
+    assert list(other_seed) != e1
+
+
+def test_sampler_without_shuffle_is_sequential():
+    s = LengthBucketSampler(np.arange(10), 4, shuffle=False, bucket=False)
+    assert list(s) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_sampler_buckets_reduce_padding():
+    lengths = np.random.default_rng(2).integers(1, 200, size=400)
+    def padding(bucket):
+        s = LengthBucketSampler(lengths, 16, shuffle=True, bucket=bucket, seed=0)
+        return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in s)
+    assert padding(True) < padding(False) / 2
+
+
+@pytest.mark.parametrize("n_batches", [10, 9])
+def test_sampler_two_ranks(n_batches):
+    n, bs = n_batches * 8, 8
+    lengths = np.random.default_rng(4).integers(1, 50, size=n)
+    for epoch in (0, 1):
+        shards = []
+        for rank in (0, 1):
+            s = LengthBucketSampler(lengths, bs, shuffle=True, bucket=True, seed=9, rank=rank, world_size=2)
+            s.set_epoch(epoch)
+            shards.append(list(s))
+        assert len(shards[0]) == len(shards[1])  # same number of steps on every rank
+        assert set(_all_indices(shards[0] + shards[1])) == set(range(n))
+        if n_batches % 2 == 0:  # no padding batches needed: the shards are disjoint
+            a, b = set(_all_indices(shards[0])), set(_all_indices(shards[1]))
+            assert not a & b
+            assert len(a) + len(b) == n
+
+
+def test_sampler_two_ranks_eval_disjoint():
+    lengths = np.arange(50)
+    shards = [list(LengthBucketSampler(lengths, 8, shuffle=False, bucket=False, rank=r, world_size=2)) for r in (0, 1)]
+    a, b = _all_indices(shards[0]), _all_indices(shards[1])
+    assert not set(a) & set(b)
+    assert sorted(a + b) == list(range(50))
+
+
+def test_collator_pads_to_the_batch_longest():
+    c = Collator(pad_id=0)
+    rows = [
+        {"input_ids": np.array([2, 10, 11, 3]), "label": np.int64(1)},
+        {"input_ids": np.array([2, 12, 3]), "label": np.int64(0)},
+    ]
+    out = c(rows)
+    assert out["input_ids"].shape == (2, 4)
+    assert out["input_ids"].tolist() == [[2, 10, 11, 3], [2, 12, 3, 0]]
+    assert out["attention_mask"].tolist() == [[True] * 4, [True, True, True, False]]
+    assert out["labels"].tolist() == [1, 0]
+    assert out["input_ids"].dtype == torch.long
+    no_labels = c([{"input_ids": [5, 6]}])
+    assert "labels" not in no_labels and no_labels["input_ids"].shape == (1, 2)
+
+
+def test_collator_pad_to():
+    out = Collator(pad_id=0, pad_to=6)([{"input_ids": [2, 3], "label": 0}])
+    assert out["input_ids"].tolist() == [[2, 3, 0, 0, 0, 0]]
+
+
+def test_loader_pads_per_batch(tiny_cfg, tiny_tokenizer):
+    tiny_cfg.max_length = 48  # some texts are cut to 48, many are shorter
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    ds = d.splits["train"]
+    lengths = np.asarray(ds["length"])
+    assert lengths.max() == tiny_cfg.max_length and lengths.min() < tiny_cfg.max_length // 2
+    widths, seen = [], []
+    loader = hd.make_loader(ds, tiny_cfg, d.pad_id, train=True, epoch=1)
+    sampler_batches = list(loader.batch_sampler)
+    for batch, idx in zip(loader, sampler_batches):
+        assert batch["input_ids"].shape[1] == lengths[idx].max()
+        assert batch["attention_mask"].sum(1).tolist() == lengths[idx].tolist()
+        widths.append(batch["input_ids"].shape[1])
+        seen.extend(idx)
+    assert sorted(seen) == list(range(len(ds)))
+    assert min(widths) < tiny_cfg.max_length  # not padded to max_length

@@ -1,0 +1,91 @@
+"""Write the numbered notebooks (no outputs). Edit here, then run: python tools/make_notebooks.py"""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+HERE = Path(__file__).resolve().parent.parent / "notebooks"
+
+SETUP = """from hybridlib.runs import NotebookParams
+
+nb = NotebookParams(globals())  # every name set below (or injected by papermill) is a parameter"""
+
+PARAMS_TRAIN = """params_file = None  # a params YAML, e.g. "params/imdb.yaml" (None: $HYBRIDLIB_PARAMS, else hybridlib.Config defaults)
+run_dir = None      # None: a new outputs/<dataset>-<timestamp>
+# Any other hybridlib.Config field may be set here too, e.g. epochs = 1 or max_train_samples = 2000"""
+
+PARAMS_RUN = """params_file = None  # not needed here: the run's own params.yaml is used
+run_dir = None      # a run folder under outputs/ (None: the newest finished run)"""
+
+
+def nb(cells):
+    out = nbf.v4.new_notebook()
+    out.metadata = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+    }
+    for kind, src, *tags in cells:
+        c = nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src)
+        if tags:
+            c.metadata["tags"] = tags
+        out.cells.append(c)
+    return out
+
+
+NOTEBOOKS = {
+    "01_data_exploration.ipynb": [
+        ("md", "# 01 · Data exploration\n\nWhat are we classifying? Class balance, example texts, and how many "
+               "tokens the texts take against `max_length` (how much truncation costs). Tokenization here is "
+               "cached: the training notebook reuses it."),
+        ("code", SETUP),
+        ("code", PARAMS_TRAIN, "parameters"),
+        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib import exploration\n\ncfg = nb.config()\ndata = prepare_data(cfg)\ndata.splits"),
+        ("md", "## Class balance\nThe validation split is stratified from train, so its shares match train's."),
+        ("code", "exploration.class_balance(data)"),
+        ("md", "## Example texts"),
+        ("code", "exploration.examples(data, per_class=2)"),
+        ("md", "## Token lengths against `max_length`\nLengths are counted before truncation; the red line is the cut."),
+        ("code", "exploration.length_summary(data, cfg.max_length)"),
+        ("code", "exploration.plot_lengths(data, cfg, run_dir=cfg.run_dir);"),
+    ],
+    "02_training.ipynb": [
+        ("md", "# 02 · Training\n\nShared embedding → BiLSTM ∥ multi-kernel CNN → concat → MLP. AdamW with warm-up "
+               "and decay, gradient clipping, early stopping on validation accuracy. The best epoch is saved as "
+               "`model.pt`, every epoch as `last.pt` (for `--resume`), and `training_log.csv` grows by one row per epoch."),
+        ("code", SETUP),
+        ("code", PARAMS_TRAIN, "parameters"),
+        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.model import build_model\nfrom hybridlib.runs import start_run\nfrom hybridlib.training import train\n\ncfg = nb.config()\nrun_dir = start_run(cfg)\ndata = prepare_data(cfg)\nprint(f\"run folder: {run_dir}\")\nprint(build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id))"),
+        ("code", "result = train(cfg, run_dir, data)"),
+        ("code", "import pandas as pd\n\nprint(f\"best validation accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; \"\n      f\"{result.train_seconds:.0f} s of training, {result.num_parameters:,} parameters\")\npd.DataFrame(result.history).set_index(\"epoch\").round(4)"),
+    ],
+    "03_evaluation.ipynb": [
+        ("md", "# 03 · Evaluation\n\nThe best checkpoint on the test split: accuracy, macro F1, per-class scores, and "
+               "the mistakes the model was most sure of. Writes `metrics.json` and `classification_report.txt`."),
+        ("code", SETUP),
+        ("code", PARAMS_RUN, "parameters"),
+        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.evaluation import confident_mistakes, evaluate_run, metrics_table\n\ncfg, run_dir = nb.run_config()\ndata = prepare_data(cfg)\nout = evaluate_run(cfg, run_dir, data)\nmetrics_table(out[\"metrics\"])"),
+        ("code", "print(out[\"report\"])"),
+        ("md", "## Most confident mistakes"),
+        ("code", "confident_mistakes(data.splits[\"test\"][\"text\"], out[\"test\"], data.label_names, k=10)"),
+    ],
+    "04_visualization.ipynb": [
+        ("md", "# 04 · Visualization\n\nLearning curves (did it over- or under-fit? where was the best epoch?) and the "
+               "test confusion matrix. Writes `loss_acc_curves.png` and `confusion_matrix.png`."),
+        ("code", SETUP),
+        ("code", PARAMS_RUN, "parameters"),
+        ("code", "from IPython.display import Image, display\nfrom hybridlib.plots import save_run_plots\n\ncfg, run_dir = nb.run_config()\npaths, metrics = save_run_plots(run_dir)\nfor p in paths:\n    display(Image(filename=str(p)))"),
+    ],
+    "05_prediction.ipynb": [
+        ("md", "# 05 · Prediction\n\nClassify your own texts with a trained run (`hybridlib.Predictor`)."),
+        ("code", SETUP),
+        ("code", PARAMS_RUN, "parameters"),
+        ("code", "import pandas as pd\nfrom hybridlib.prediction import Predictor\n\ncfg, run_dir = nb.run_config()\npredictor = Predictor.from_run(run_dir)\ntexts = [\n    \"The team won the championship after a dramatic final match.\",\n    \"Shares fell sharply as the company reported lower quarterly profits.\",\n    \"A wonderful film: moving, funny and beautifully acted.\",\n]\npd.DataFrame([{\"text\": t, **r[\"probabilities\"], \"label\": r[\"label\"]} for t, r in zip(texts, predictor.predict(texts))]).round(3)"),
+    ],
+}
+
+
+if __name__ == "__main__":
+    HERE.mkdir(exist_ok=True)
+    for name, cells in NOTEBOOKS.items():
+        nbf.write(nb(cells), HERE / name)
+        print("wrote", HERE / name)
