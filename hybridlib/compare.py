@@ -1,0 +1,104 @@
+"""Compare finished runs side by side: mean ± std over seeds where runs share params, and their
+validation curves overlaid. Used by ``hybridlib compare`` and 06_compare_runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from hybridlib.errors import RunError
+from hybridlib.training import load_history
+
+# params that differ between repeats of the same experiment
+NOT_EXPERIMENT = {"seed", "run_dir", "resume", "data_dir", "tokenizer", "device", "num_workers", "num_threads",
+                  "num_processes", "eval_batch_size", "baseline"}
+
+
+def load_run(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise RunError(f"{run_dir} has no metrics.json: it is not a finished, evaluated run.")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    m["history"] = load_history(run_dir) if (run_dir / "training_log.csv").is_file() else []
+    m["run_dir"] = str(run_dir)
+    return m
+
+
+def experiment_key(params: dict, varying: list[str]) -> str:
+    """A short label for the experiment: the params that differ between the compared groups."""
+    parts = []
+    for k in varying:
+        v = params.get(k)
+        parts.append(f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}")
+    return ", ".join(parts) or "same params"
+
+
+def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
+    """(table with one row per experiment, mean ± std over its seeds; the loaded runs)."""
+    runs = [load_run(d) for d in run_dirs]
+    exp_params = [{k: v for k, v in r["params"].items() if k not in NOT_EXPERIMENT} for r in runs]
+    keys = sorted({k for p in exp_params for k in p})
+    varying = [k for k in keys if len({json.dumps(p.get(k)) for p in exp_params}) > 1]
+    for r, p in zip(runs, exp_params):
+        r["experiment"] = experiment_key(p, varying)
+    rows = []
+    for exp in dict.fromkeys(r["experiment"] for r in runs):
+        group = [r for r in runs if r["experiment"] == exp]
+
+        def stat(values: list[float], pct: bool = True) -> str:
+            a = np.asarray(values, dtype=float) * (100 if pct else 1)
+            return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else f"{a.mean():.2f}"
+
+        base = [r["baselines"]["tfidf_logreg"]["test_accuracy"] for r in group if "baselines" in r]
+        rows.append({
+            "experiment": exp,
+            "dataset": group[0]["dataset"],
+            "seeds": len(group),
+            "test_accuracy_%": stat([r["test_accuracy"] for r in group]),
+            "test_macro_f1_%": stat([r["test_macro_f1"] for r in group]),
+            "best_val_accuracy_%": stat([r["best_val_accuracy"] for r in group]),
+            "tfidf_logreg_test_%": stat(base) if base else "",
+            "train_seconds": stat([r["train_seconds"] for r in group], pct=False),
+            "parameters": group[0]["num_parameters"],
+        })
+    return pd.DataFrame(rows).set_index("experiment"), runs
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub markdown table (pandas' to_markdown would need the tabulate package)."""
+    t = table.reset_index()
+    lines = ["| " + " | ".join(map(str, t.columns)) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in t.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_val_curves(runs: list[dict], path: str | Path | None = None):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in runs:
+        h = r["history"]
+        ax.plot([x["epoch"] for x in h], [x["val_accuracy"] for x in h], "o-", ms=3,
+                label=f"{r['experiment']} (seed {r['params']['seed']})")
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy by run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def write_comparison(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Write comparison.md, comparison.csv and val_curves.png into ``out_dir``."""
+    table, runs = compare_runs(run_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "comparison.md", out / "comparison.csv", out / "val_curves.png"]
+    paths[0].write_text(to_markdown(table))
+    table.to_csv(paths[1])
+    plot_val_curves(runs, paths[2])
+    plt.close("all")
+    return table, paths
