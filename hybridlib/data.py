@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,11 +37,20 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # in a thread: a DNS lookup that hangs is not covered by the socket timeout
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
 
 
 def go_offline() -> None:
@@ -123,7 +133,7 @@ def encode_texts(tok, texts: list[str], max_length: int, truncation: str) -> tup
     prefix, suffix = special_tokens(tok)
     n_special = len(prefix) + len(suffix)
     budget = max(max_length - n_special, 1)
-    head = budget if truncation == "head" else budget // 4
+    head = budget if truncation == "head" else max(budget // 4, min(budget, 1))
     enc = tok(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
     out = []
     for ids in enc:
@@ -214,6 +224,8 @@ def _check_columns(ds, cfg: Config, split: str) -> None:
 
 
 def _check_nulls(ds, col: str, split: str) -> None:
+    if ds._indices is None and ds.data.column(col).null_count == 0:
+        return  # Arrow's null count: no copy of the column into Python (corpora larger than memory)
     nulls = [i for i, v in enumerate(ds[col]) if v is None]
     if nulls:
         raise DataError(
@@ -248,8 +260,9 @@ def encode_labels(raw, cfg: Config):
             )
         return raw.cast_column("label", datasets.ClassLabel(names=names)), names
 
-    values = sorted(set(raw["train"].unique("label")) | set(raw["test"].unique("label")), key=str)
-    is_int = all(isinstance(v, (int, np.integer)) for v in values)
+    distinct = set(raw["train"].unique("label")) | set(raw["test"].unique("label"))
+    is_int = all(isinstance(v, (int, np.integer)) for v in distinct)
+    values = sorted(distinct) if is_int else sorted(distinct, key=str)  # numeric order: 2 before 10
     if cfg.label_names:
         names = list(cfg.label_names)
         allowed = set(range(len(names))) if is_int else set(names)
@@ -327,6 +340,13 @@ def split_train_val(dsd, cfg: Config):
         if cfg.max_eval_samples < len(test):
             test = test.shuffle(seed=cfg.seed).select(range(cfg.max_eval_samples))
     return datasets.DatasetDict({"train": parts["train"], "validation": val, "test": test})
+
+
+def preflight(cfg: Config) -> None:
+    """Fail before a run starts if its data or tokenizer cannot be found (cheap checks only)."""
+    load_tokenizer(cfg.tokenizer)
+    if resolve_data_dir(cfg) is None and not hub_reachable():
+        load_raw(cfg)  # offline: succeeds only from the local datasets cache, else a clear DataError
 
 
 @dataclass

@@ -30,10 +30,15 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Tiny models run fastest on one thread, and a busy 2-core machine makes torch's thread pool spin.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("HYBRIDLIB_DATA_DIR", None)  # never pick up a developer's local data folder
 atexit.register(shutil.rmtree, _HF_TMP, ignore_errors=True)
 
 import fixtures  # noqa: E402  (after the environment is set)
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # ----------------------------------------------------------------------------- notebooks
 # A `pytest_configure` hook that runs the notebooks (papermill / nbmake) on the tiny data will be

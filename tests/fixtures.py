@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 LABEL_NAMES = ["sports", "business", "science"]
 
+# fmt: off
 KEYWORDS = {
     "sports": [
         "football", "soccer", "goal", "match", "team", "coach", "player", "league", "tennis", "score",
@@ -35,6 +37,7 @@ FILLER = [
     "people", "week", "first", "last", "news", "about", "over", "more", "this", "that", "from", "their",
     "big", "latest", "during", "city", "world", "officials", "group", "some", "many", "time",
 ]
+# fmt: on
 
 _EXT = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
 
@@ -170,5 +173,7 @@ def write_tiny_params(path: str | Path, data_dir: str | Path, tokenizer_dir: str
     """Write the tiny params (see :func:`tiny_params`) as YAML to ``path``; return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(tiny_params(data_dir, tokenizer_dir, **overrides), sort_keys=False), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(tiny_params(data_dir, tokenizer_dir, **overrides), sort_keys=False), encoding="utf-8"
+    )
     return path

@@ -57,7 +57,9 @@ def test_empty_params_file_gives_defaults(tmp_path):
     assert load_config(write_yaml(tmp_path, "# nothing set\n")) == Config()
 
 
-@pytest.mark.parametrize("key,suggestion", [("epoch", "epochs"), ("lstm_hiden", "lstm_hidden"), ("batchsize", "batch_size")])
+@pytest.mark.parametrize(
+    "key,suggestion", [("epoch", "epochs"), ("lstm_hiden", "lstm_hidden"), ("batchsize", "batch_size")]
+)
 def test_unknown_key_suggests_close_match(tmp_path, key, suggestion):
     path = write_yaml(tmp_path, f"{key}: 3\n")
     with pytest.raises(ConfigError) as e:
@@ -209,7 +211,9 @@ def test_cli_values_coerced_by_load_config(key, text, expected):
         assert type(got) is type(expected)
 
 
-@pytest.mark.parametrize("key,text", [("epochs", "three"), ("branches", "gru"), ("lr", "fast"), ("lstm_pooling", "[max]")])
+@pytest.mark.parametrize(
+    "key,text", [("epochs", "three"), ("branches", "gru"), ("lr", "fast"), ("lstm_pooling", "[max]")]
+)
 def test_bad_cli_values_rejected(key, text):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(overrides={key: parse_cli_value(text)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fixtures
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -9,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import fixtures
 from hybridlib import data as hd
 from hybridlib.config import load_config
 from hybridlib.data import Collator, LengthBucketSampler, load_raw, prepare_data
@@ -33,7 +33,7 @@ def write_parquet(folder, split, columns: dict, schema=None):
 
 def split_rows(d, split):
     s = d.splits[split]
-    return list(zip(s["text"], s["label"]))
+    return list(zip(s["text"], s["label"], strict=True))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -78,7 +78,7 @@ def test_string_labels_sorted_names(tmp_path, cfg_for, tiny_tokenizer):
     d = prepare_data(cfg_for(folder, label_names=None), tokenizer=tiny_tokenizer)
     assert d.label_names == ["business", "science", "sports"]
     raw = pd.read_parquet(folder / "test.parquet")
-    by_text = dict(zip(raw["text"], raw["label"]))
+    by_text = dict(zip(raw["text"], raw["label"], strict=True))
     for text, label in split_rows(d, "test"):
         assert d.label_names[label] == by_text[text]
 
@@ -90,7 +90,7 @@ def test_string_labels_follow_label_names_order(tmp_path, cfg_for, tiny_tokenize
     assert d.label_names == names
     assert d.splits["train"].features["label"].names == names
     raw = pd.read_parquet(folder / "train.parquet")
-    by_text = dict(zip(raw["text"], raw["label"]))
+    by_text = dict(zip(raw["text"], raw["label"], strict=True))
     for text, label in split_rows(d, "train") + split_rows(d, "validation"):
         assert names[label] == by_text[text]
 
@@ -99,7 +99,7 @@ def test_int_labels_with_label_names(tiny_cfg, tiny_tokenizer, tiny_data_dir):
     d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
     assert d.label_names == ["sports", "business", "science"]
     raw = pd.read_parquet(tiny_data_dir / "test.parquet")
-    by_text = dict(zip(raw["text"], raw["label"]))
+    by_text = dict(zip(raw["text"], raw["label"], strict=True))
     for text, label in split_rows(d, "test"):
         assert label == by_text[text]
 
@@ -499,9 +499,11 @@ def test_sampler_without_shuffle_is_sequential():
 
 def test_sampler_buckets_reduce_padding():
     lengths = np.random.default_rng(2).integers(1, 200, size=400)
+
     def padding(bucket):
         s = LengthBucketSampler(lengths, 16, shuffle=True, bucket=bucket, seed=0)
         return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in s)
+
     assert padding(True) < padding(False) / 2
 
 
@@ -561,10 +563,19 @@ def test_loader_pads_per_batch(tiny_cfg, tiny_tokenizer):
     widths, seen = [], []
     loader = hd.make_loader(ds, tiny_cfg, d.pad_id, train=True, epoch=1)
     sampler_batches = list(loader.batch_sampler)
-    for batch, idx in zip(loader, sampler_batches):
+    for batch, idx in zip(loader, sampler_batches, strict=True):
         assert batch["input_ids"].shape[1] == lengths[idx].max()
         assert batch["attention_mask"].sum(1).tolist() == lengths[idx].tolist()
         widths.append(batch["input_ids"].shape[1])
         seen.extend(idx)
     assert sorted(seen) == list(range(len(ds)))
     assert min(widths) < tiny_cfg.max_length  # not padded to max_length
+
+
+def test_session_uses_a_private_hf_cache(hf_cache_dir, tiny_cfg, tiny_tokenizer):
+    import datasets.config
+
+    assert str(datasets.config.HF_DATASETS_CACHE).startswith(str(hf_cache_dir))
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    for f in d.splits["train"].cache_files:
+        assert f["filename"].startswith(str(hf_cache_dir))

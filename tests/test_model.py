@@ -1,0 +1,251 @@
+"""hybridlib.model: padding never changes the pooled features; shapes; short inputs; branches."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from hybridlib.config import Config
+from hybridlib.model import BiLSTMBranch, CNNBranch, HybridClassifier, build_model, count_parameters, reverse_padded
+
+VOCAB, CLASSES = 40, 3
+ATOL = 1e-5
+
+
+def tiny_config(**overrides) -> Config:
+    values = dict(
+        embed_dim=8,
+        lstm_hidden=6,
+        cnn_filters=5,
+        cnn_kernel_sizes=[3, 4, 5],
+        mlp_hidden=7,
+        dropout=0.3,
+        embed_dropout=0.2,
+    )
+    values.update(overrides)
+    return Config(**values)
+
+
+def make_model(pad_id: int = 0, seed: int = 0, **overrides) -> HybridClassifier:
+    torch.manual_seed(seed)
+    model = build_model(tiny_config(**overrides), VOCAB, CLASSES, pad_id=pad_id)
+    with torch.no_grad():  # make the pad row non-zero: masking, not padding_idx, must keep pads out
+        model.embedding.weight[pad_id].normal_()
+    return model.eval()
+
+
+def random_ids(length: int, pad_id: int = 0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (length,), generator=g)
+    ids[ids == pad_id] = (pad_id + 1) % VOCAB
+    return ids
+
+
+def pad_batch(seqs: list[torch.Tensor], pad_id: int = 0, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs) + extra
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    return ids, ids.ne(pad_id)
+
+
+MODEL_VARIANTS = [
+    dict(branches=branches, lstm_pooling=pooling, lstm_layers=layers)
+    for branches, pooling, layers in itertools.product(
+        [["cnn"], ["lstm"], ["cnn", "lstm"]], ["max", "mean", "both"], [1, 2]
+    )
+    if not (branches == ["cnn"] and (pooling != "max" or layers != 1))  # LSTM settings do not matter for cnn only
+]
+
+
+def variant_id(v):
+    return "+".join(v["branches"]) + f"-{v['lstm_pooling']}-L{v['lstm_layers']}"
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("length", [1, 2, 4, 9])
+def test_features_unchanged_by_extra_padding(variant, length):
+    model = make_model(**variant)
+    seq = random_ids(length, seed=length)
+    with torch.no_grad():
+        ids, mask = pad_batch([seq])
+        ref = model.features(ids, mask)
+        assert torch.isfinite(ref).all()
+        for extra in (1, 3, 17):
+            ids_p, mask_p = pad_batch([seq], extra=extra)
+            assert ids_p.shape[1] == length + extra
+            torch.testing.assert_close(model.features(ids_p, mask_p), ref, atol=ATOL, rtol=0)
+            torch.testing.assert_close(model.features(ids_p), ref, atol=ATOL, rtol=0)  # mask derived from pad_id
+            torch.testing.assert_close(model(ids_p, mask_p), model(ids, mask), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("pad_id", [1, 7])
+def test_features_unchanged_by_padding_nonzero_pad_id(pad_id):
+    model = make_model(pad_id=pad_id, branches=["cnn", "lstm"], lstm_pooling="both", lstm_layers=2)
+    seq = random_ids(6, pad_id=pad_id, seed=1)
+    with torch.no_grad():
+        ref = model.features(*pad_batch([seq], pad_id=pad_id))
+        got = model.features(*pad_batch([seq], pad_id=pad_id, extra=5))
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS, ids=variant_id)
+def test_mixed_length_batch_matches_rows_alone(variant):
+    model = make_model(**variant)
+    seqs = [random_ids(n, seed=10 + n) for n in (1, 2, 3, 5, 8, 13, 21)]
+    with torch.no_grad():
+        ids, mask = pad_batch(seqs)
+        batch_logits = model(ids, mask)
+        batch_feats = model.features(ids, mask)
+        for i, s in enumerate(seqs):
+            alone = pad_batch([s])
+            torch.testing.assert_close(batch_feats[i : i + 1], model.features(*alone), atol=ATOL, rtol=0)
+            torch.testing.assert_close(batch_logits[i : i + 1], model(*alone), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("branches", [["cnn"], ["lstm"], ["cnn", "lstm"]])
+@pytest.mark.parametrize("length", [1, 2])
+def test_inputs_shorter_than_the_widest_kernel(branches, length):
+    model = make_model(branches=branches, cnn_kernel_sizes=[3, 4, 5])
+    ids, mask = pad_batch([random_ids(length, seed=2), random_ids(1, seed=3)])
+    with torch.no_grad():
+        logits = model(ids, mask)
+        feats = model.features(ids, mask)
+    assert logits.shape == (2, CLASSES)
+    assert torch.isfinite(logits).all() and torch.isfinite(feats).all()
+    # also in training mode, with gradients
+    model.train()
+    out = model(ids, mask)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_cnn_short_input_equals_explicit_zero_padding():
+    """A length-2 text gives the same CNN features whether T=2 (padded inside) or T=10 (padded outside)."""
+    torch.manual_seed(0)
+    cnn = CNNBranch(4, [3, 4, 5], 3).eval()
+    x = torch.randn(1, 2, 4)
+    lengths = torch.tensor([2])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    x10 = torch.cat([x, torch.zeros(1, 8, 4)], dim=1)
+    mask10 = torch.cat([mask, torch.zeros(1, 8, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(cnn(x, mask, lengths), cnn(x10, mask10, lengths), atol=ATOL, rtol=0)
+
+
+def test_cnn_pools_only_windows_inside_the_text():
+    torch.manual_seed(0)
+    cnn = CNNBranch(2, [2], 1).eval()
+    with torch.no_grad():
+        cnn.convs[0].weight.fill_(1.0)
+        cnn.convs[0].bias.zero_()
+    # text of 3 steps with value 1, followed by garbage (not zeroed) in pad positions: must be ignored
+    x = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [100.0, 100.0], [100.0, 100.0]]])
+    mask = torch.tensor([[True, True, True, False, False]])
+    out = cnn(x, mask, mask.sum(1))
+    assert out.item() == pytest.approx(4.0)  # a window of 2 steps x 2 channels x 1.0
+
+
+def test_lstm_backward_direction_reads_the_text_reversed():
+    torch.manual_seed(0)
+    lstm = BiLSTMBranch(3, 4, 1, "max", 0.0).eval()
+    x = torch.randn(1, 5, 3)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    with torch.no_grad():
+        out = lstm(x, mask, mask.sum(1))
+        f, _ = lstm.fwd[0](x)
+        b, _ = lstm.bwd[0](x.flip(1))
+        expect = torch.cat([f, b.flip(1)], dim=-1).amax(dim=1)
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=0)
+
+
+def reverse_reference(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    out = x.clone()
+    for i, n in enumerate(lengths):
+        out[i, :n] = x[i, :n].flip(0)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 3), (4, 6, 2, 2)])
+def test_reverse_padded(shape):
+    x = torch.arange(torch.tensor(shape).prod().item(), dtype=torch.float32).view(*shape)
+    lengths = [6, 3, 1, 0]
+    out = reverse_padded(x, torch.tensor(lengths))
+    assert torch.equal(out, reverse_reference(x, lengths))
+    # the first row (full length) is fully reversed; pads of the others keep their place
+    assert torch.equal(out[0], x[0].flip(0))
+    assert torch.equal(out[1, 3:], x[1, 3:])
+    assert torch.equal(out[3], x[3])
+    # reversing twice gives back the input
+    assert torch.equal(reverse_padded(out, torch.tensor(lengths)), x)
+
+
+def test_reverse_padded_example():
+    x = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]]).unsqueeze(-1)
+    out = reverse_padded(x, torch.tensor([3, 5])).squeeze(-1)
+    assert out.tolist() == [[3, 2, 1, 0, 0], [8, 7, 6, 5, 4]]
+
+
+@pytest.mark.parametrize("mlp_hidden", [0, 7])
+@pytest.mark.parametrize("branches", [["cnn"], ["lstm"], ["cnn", "lstm"]])
+def test_output_shape_and_parameters(branches, mlp_hidden):
+    model = make_model(branches=branches, mlp_hidden=mlp_hidden)
+    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 7, 11)])
+    with torch.no_grad():
+        assert model(ids, mask).shape == (3, CLASSES)
+    assert count_parameters(model) > 0
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    assert (model.lstm is not None) == ("lstm" in branches)
+    assert (model.cnn is not None) == ("cnn" in branches)
+
+
+def test_feature_sizes():
+    m = make_model(branches=["cnn", "lstm"], lstm_pooling="both", lstm_hidden=6, cnn_filters=5, cnn_kernel_sizes=[2, 3])
+    ids, mask = pad_batch([random_ids(5)])
+    with torch.no_grad():
+        assert m.features(ids, mask).shape == (1, 2 * 6 * 2 + 5 * 2)
+    m = make_model(branches=["lstm"], lstm_pooling="max", lstm_hidden=6)
+    with torch.no_grad():
+        assert m.features(ids, mask).shape == (1, 12)
+    m = make_model(branches=["cnn"], cnn_filters=5, cnn_kernel_sizes=[3, 4, 5])
+    with torch.no_grad():
+        assert m.features(ids, mask).shape == (1, 15)
+
+
+def test_count_parameters_ignores_frozen():
+    model = make_model()
+    total = count_parameters(model)
+    model.embedding.weight.requires_grad_(False)
+    assert count_parameters(model) == total - VOCAB * 8
+
+
+def test_eval_is_deterministic_and_train_mode_uses_dropout():
+    model = make_model(branches=["cnn", "lstm"], dropout=0.5, embed_dropout=0.5)
+    ids, mask = pad_batch([random_ids(12, seed=n) for n in range(4)])
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), model(ids, mask))
+        model.train()
+        torch.manual_seed(1)
+        a = model(ids, mask)
+        b = model(ids, mask)
+    assert not torch.equal(a, b)
+
+
+def test_model_learns_a_trivial_task():
+    """A few steps of Adam separate two token sets (catches a head/branch that passes no gradient)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(dropout=0.0, embed_dropout=0.0), VOCAB, 2)
+    seqs = [torch.randint(1, 20, (6,)) for _ in range(16)] + [torch.randint(20, 40, (6,)) for _ in range(16)]
+    ids, mask = pad_batch(seqs)
+    y = torch.tensor([0] * 16 + [1] * 16)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(ids, mask), y)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(ids, mask).argmax(1) == y).float().mean().item() == 1.0
