@@ -62,9 +62,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def _read_texts(a: argparse.Namespace) -> list[str]:
     texts = list(a.text or [])
     if a.file:
-        texts += [line.rstrip("\n") for line in Path(a.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = Path(a.file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise HybridlibError(f"Cannot read --file {a.file}: {e}") from None
+        texts += [line for line in lines if line.strip()]
     if not texts and not sys.stdin.isatty():
-        texts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts += [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise HybridlibError("Nothing to predict: pass --text \"...\" (repeatable), --file FILE, or pipe texts on stdin.")
     return texts
@@ -73,17 +77,20 @@ def _read_texts(a: argparse.Namespace) -> list[str]:
 def cmd_predict(a: argparse.Namespace) -> int:
     from hybridlib.prediction import Predictor
 
-    predictor = Predictor.from_checkpoint(a.checkpoint, device=a.device)
-    texts = _read_texts(a)
+    texts = _read_texts(a)  # before loading the model: a missing text fails fast
+    if Path(a.checkpoint).is_dir():  # a run folder works too
+        predictor = Predictor.from_run(a.checkpoint, device=a.device)
+    else:
+        predictor = Predictor.from_checkpoint(a.checkpoint, device=a.device)
     results = predictor.predict(texts)
     if a.json:
-        for t, r in zip(texts, results):
+        for t, r in zip(texts, results, strict=True):
             print(json.dumps({"text": t, **r}))
         return 0
     names = predictor.label_names
     width = max(8, *(len(n) for n in names))
     print(f"{'label':<{width}}  " + "  ".join(f"{n[:10]:>10}" for n in names) + "  text")
-    for t, r in zip(texts, results):
+    for t, r in zip(texts, results, strict=True):
         probs = "  ".join(f"{r['probabilities'][n]:>10.4f}" for n in names)
         short = t.replace("\n", " ")
         print(f"{r['label']:<{width}}  {probs}  {short[:60]}{'...' if len(short) > 60 else ''}")
@@ -99,6 +106,16 @@ def cmd_visualize(a: argparse.Namespace) -> int:
     if metrics:
         print(f"test_accuracy {metrics['test_accuracy']:.4f}  test_macro_f1 {metrics['test_macro_f1']:.4f}  "
               f"best_val_accuracy {metrics['best_val_accuracy']:.4f} (epoch {metrics['best_epoch']})")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from hybridlib.compare import to_markdown, write_comparison
+
+    table, paths = write_comparison(a.runs, a.out)
+    print(to_markdown(table))
+    for p in paths:
+        print(f"wrote {p}")
     return 0
 
 
@@ -131,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="Predict labels and class probabilities for texts.")
-    p.add_argument("--checkpoint", required=True, help="A run's model.pt.")
+    p.add_argument("--checkpoint", required=True, help="A run's model.pt (or the run folder).")
     p.add_argument("--text", action="append", help="A text to classify (repeatable).")
     p.add_argument("--file", help="A file with one text per line.")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto.")
@@ -141,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="Write a run's plots and print its metrics.")
     p.add_argument("--run-dir", required=True, help="A run folder, e.g. outputs/imdb-20260101-120000.")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("compare", help="Tabulate runs side by side (mean ± std over seeds) and overlay their curves.")
+    p.add_argument("runs", nargs="+", help="Run folders, e.g. outputs/imdb-*.")
+    p.add_argument("--out", default="outputs/comparison", help="Where to write comparison.md/.csv and val_curves.png.")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("params", help="List every parameter with its type, default and meaning.")
     p.set_defaults(func=cmd_params)

@@ -1,0 +1,222 @@
+"""hybridlib.Predictor: loading a run, predict() on single texts, lists and awkward inputs, explain()."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tiny_run import tiny_run
+
+from hybridlib import Predictor
+from hybridlib.data import encode_texts
+from hybridlib.errors import CheckpointError, ConfigError, DataError
+
+SPORTS = "The coach said the team scored a late goal to win the championship match."
+BUSINESS = "Shares of the company fell as investors sold stock after weak quarterly earnings."
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir):
+    return Predictor.from_run(run_dir)
+
+
+def check_result(r, names):
+    assert set(r) == {"label", "index", "probabilities"}
+    assert r["label"] in names and names[r["index"]] == r["label"]
+    assert list(r["probabilities"]) == names
+    assert all(0.0 <= p <= 1.0 and math.isfinite(p) for p in r["probabilities"].values())
+    assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert r["probabilities"][r["label"]] == max(r["probabilities"].values())
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_from_run_loads_model_and_the_runs_own_tokenizer(run_dir, predictor):
+    assert predictor.label_names == ["sports", "business", "science"]
+    assert predictor.device == torch.device("cpu")
+    assert not predictor.model.training
+    # the tokenizer saved beside the checkpoint, not the one the params name
+    assert predictor.tokenizer.name_or_path == str(run_dir / "tokenizer")
+
+
+def test_from_checkpoint_and_from_run_agree(run_dir, predictor):
+    other = Predictor.from_checkpoint(run_dir / "model.pt")
+    assert other.predict([SPORTS, BUSINESS]) == predictor.predict([SPORTS, BUSINESS])
+
+
+def test_a_copied_run_predicts_without_its_training_files(run_dir, predictor, tmp_path):
+    """model.pt + tokenizer/ are all a run needs to predict later (offline, elsewhere)."""
+    copy = tmp_path / "copied-run"
+    copy.mkdir()
+    shutil.copy(run_dir / "model.pt", copy / "model.pt")
+    shutil.copytree(run_dir / "tokenizer", copy / "tokenizer")
+    assert Predictor.from_run(copy).predict(SPORTS) == predictor.predict(SPORTS)
+
+
+def test_from_run_without_model_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no model.pt"):
+        Predictor.from_run(tmp_path)
+
+
+def test_cuda_when_asked(run_dir):
+    if torch.cuda.is_available():
+        p = Predictor.from_run(run_dir, device="cuda")
+        assert p.device.type == "cuda"
+        assert p.predict(SPORTS)[0]["probabilities"] == pytest.approx(
+            Predictor.from_run(run_dir).predict(SPORTS)[0]["probabilities"], abs=1e-4)
+    else:
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            Predictor.from_run(run_dir, device="cuda")
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_predict_single_text(predictor):
+    out = predictor.predict(SPORTS)
+    assert isinstance(out, list) and len(out) == 1
+    check_result(out[0], predictor.label_names)
+    assert out[0]["label"] == "sports"  # the tiny model learns its keywords
+
+
+def test_predict_list(predictor):
+    texts = [SPORTS, BUSINESS, "Scientists in the laboratory study cells and the genome."]
+    out = predictor.predict(texts)
+    assert len(out) == 3
+    for r in out:
+        check_result(r, predictor.label_names)
+    assert [r["label"] for r in out] == ["sports", "business", "science"]
+    assert predictor.predict([]) == []
+
+
+def test_predict_batches_give_the_same_results(run_dir, predictor):
+    texts = [SPORTS, BUSINESS, "goal", "market " * 40, "", "stock and planet and team"] * 3
+    small = Predictor.from_run(run_dir, batch_size=2)
+    a = np.array([list(r["probabilities"].values()) for r in predictor.predict(texts)])
+    b = np.array([list(r["probabilities"].values()) for r in small.predict(texts)])
+    one = np.array([list(predictor.predict(t)[0]["probabilities"].values()) for t in texts])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, one, atol=1e-5)
+
+
+def test_predict_rejects_what_is_not_text(predictor):
+    with pytest.raises(DataError):
+        predictor.predict(42)
+    with pytest.raises(DataError):
+        predictor.predict(["ok", None])
+
+
+EDGE_CASES = {
+    "empty": "",
+    "whitespace": "  \n\t  \r\n ",
+    "one_mb": ("The team scored a goal in the match. " * 30_000)[:1_000_000],
+    "one_mb_no_spaces": "x" * 1_000_000,
+    "emoji": "🏈⚽🏆 team goal!!! 😀😀😀 📈💰",
+    "chinese": "球队在决赛中获胜。股票市场下跌。",
+    "arabic": "فاز الفريق بالمباراة النهائية",
+    "cyrillic": "Команда выиграла финальный матч",
+    "hindi": "टीम ने फाइनल मैच जीता",
+    "html": "<html><body><h1>Goal!</h1><script>alert('x')</script><p>The team &amp; coach</p></body></html>",
+    "control_chars": "team\x00goal\x07\x1b[31m match\u200b\ufeff",
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_predict_edge_cases_give_a_label_and_probabilities_summing_to_1(predictor, name):
+    out = predictor.predict(EDGE_CASES[name])
+    assert len(out) == 1
+    check_result(out[0], predictor.label_names)
+
+
+def test_empty_text_rule_is_special_tokens_only(predictor):
+    """Documented rule: empty / whitespace-only text = the special tokens alone ([CLS] [SEP]), not an error."""
+    assert predictor.encode([""]) == predictor.encode(["   \n "]) == [[predictor.tokenizer.cls_token_id,
+                                                                       predictor.tokenizer.sep_token_id]]
+    assert predictor.predict("") == predictor.predict("  \t\n")
+
+
+def test_a_sequence_without_any_token_still_predicts(predictor):
+    batch, mask = predictor.batch_tensors([[]])  # e.g. a tokenizer without special tokens, empty text
+    assert mask.sum().item() == 1
+    with torch.no_grad():
+        assert torch.isfinite(predictor.model(batch, mask)).all()
+
+
+@pytest.mark.parametrize("truncation", ["head", "head_tail"])
+def test_long_texts_are_shortened_without_changing_what_the_model_reads(predictor, truncation, monkeypatch):
+    monkeypatch.setattr(predictor.cfg, "truncation", truncation)
+    words = ["goal", "market", "research", "the", "of", "naïve", "日本", "😀", "team,", "stock."]
+    rng = np.random.default_rng(0)
+    text = " ".join(rng.choice(words, size=120_000)) + "\n  end"
+    short, _, _ = predictor._shorten(text)
+    assert len(short) < 3 * predictor._clip_chars < len(text)
+    full = encode_texts(predictor.tokenizer, [text], predictor.cfg.max_length, truncation)[0]
+    assert predictor.encode([text]) == full
+    # texts the shortcut cannot prove safe are tokenized whole
+    for odd in ["x" * 100_000, " " * 60_000 + "goal team" + " " * 60_000]:
+        assert predictor.encode([odd]) == encode_texts(predictor.tokenizer, [odd], predictor.cfg.max_length, truncation)[0]
+
+
+def test_table(predictor):
+    df = predictor.table([SPORTS, BUSINESS])
+    assert list(df.columns) == ["text", "label", "sports", "business", "science"]
+    assert list(df["label"]) == ["sports", "business"]
+    assert df[["sports", "business", "science"]].sum(axis=1).round(2).tolist() == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+@pytest.mark.parametrize("method", ["gradient", "occlusion"])
+def test_explain_returns_the_prediction_and_token_scores(predictor, method):
+    text = "The coach said the TEAM scored; market shares fell."
+    e = predictor.explain(text, method=method)
+    p = predictor.predict(text)[0]
+    assert e["label"] == p["label"] and e["index"] == p["index"] and e["target"] == p["label"]
+    assert e["probabilities"] == pytest.approx(p["probabilities"], abs=1e-5)
+    assert e["method"] == method and e["truncated"] is False
+    assert len(e["tokens"]) == len(e["scores"]) == len(e["spans"]) > 5
+    assert all(math.isfinite(s) for s in e["scores"]) and any(s != 0 for s in e["scores"])
+    for tok, (s, end) in zip(e["tokens"], e["spans"], strict=True):
+        if tok != "[UNK]":
+            assert text[s:end].lower() == tok.removeprefix("##")
+    # words: pieces summed per word, in order, covering the text's words
+    assert [w["text"] for w in e["words"]] == ["The", "coach", "said", "the", "TEAM", "scored", ";", "market",
+                                              "shares", "fell", "."]
+    assert sum(w["score"] for w in e["words"]) == pytest.approx(sum(e["scores"]), abs=1e-4)
+
+
+def test_explain_keywords_push_towards_their_class(predictor):
+    e = predictor.explain("the goal of the team in the match", method="occlusion", target="sports")
+    top = max(e["words"], key=lambda w: w["score"])
+    assert top["text"] in {"goal", "team", "match"}
+    with pytest.raises(DataError):
+        predictor.explain("x", target="no-such-class")
+    with pytest.raises(DataError):
+        predictor.explain("x", method="magic")
+
+
+def test_explain_truncated_text_maps_spans_back(predictor, monkeypatch):
+    monkeypatch.setattr(predictor.cfg, "truncation", "head_tail")
+    text = "goal team " * 40_000 + "MIDDLE " + "market stock " * 40_000 + "finale"
+    e = predictor.explain(text)
+    assert e["truncated"] is True
+    assert len(e["tokens"]) == predictor.cfg.max_length - 2
+    assert e["words"][-1]["text"] == "finale" and e["words"][-1]["end"] == len(text)
+    assert all(text[w["start"]:w["end"]] == w["text"] for w in e["words"])
+    assert "MIDDLE" not in {w["text"] for w in e["words"]}
+
+
+def test_explain_empty_text(predictor):
+    e = predictor.explain("")
+    assert e["tokens"] == [] and e["words"] == []
+    check_result({k: e[k] for k in ("label", "index", "probabilities")}, predictor.label_names)

@@ -1,0 +1,41 @@
+"""A tiny trained run (model.pt, tokenizer/, params.yaml, metrics.json) for the prediction tests.
+
+Trained once per test session (a few seconds) and shared by test_prediction, test_predict_cli,
+test_widgets and test_browser: call ``tiny_run(tmp_path_factory)``; treat the folder as read-only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fixtures
+
+_CACHE: dict[str, Path] = {}
+
+
+def make_tiny_run(root: Path, name: str = "tiny-run", **overrides) -> Path:
+    """Train and evaluate a tiny model into ``root/outputs/<name>``; return the run folder."""
+    from hybridlib.config import load_config
+    from hybridlib.data import prepare_data
+    from hybridlib.evaluation import evaluate_run
+    from hybridlib.runs import start_run
+    from hybridlib.training import train
+
+    root = Path(root)
+    data_dir = fixtures.make_tiny_dataset(root / "data")
+    tok_dir = fixtures.make_tiny_tokenizer(root / "tokenizer")
+    params = fixtures.write_tiny_params(root / "tiny.yaml", data_dir, tok_dir, **{"epochs": 3, **overrides})
+    run_dir = root / "outputs" / name
+    cfg = load_config(params, {"run_dir": str(run_dir)})
+    start_run(cfg)  # writes params.yaml, as a pipeline run does
+    data = prepare_data(cfg)
+    train(cfg, run_dir, data, progress=False)
+    evaluate_run(cfg, run_dir, data, progress=False)
+    return run_dir
+
+
+def tiny_run(tmp_path_factory) -> Path:
+    """The session's tiny run (trained on first use)."""
+    if "run" not in _CACHE:
+        _CACHE["run"] = make_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+    return _CACHE["run"]
