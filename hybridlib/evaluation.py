@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
 from hybridlib.runtime import autocast
@@ -65,6 +64,8 @@ def evaluate_split(model, ds, cfg, pad_id: int, device: torch.device, amp_dtype=
 
 def compute_metrics(labels: np.ndarray, preds: np.ndarray, label_names: list[str]) -> dict[str, Any]:
     """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     idx = list(range(len(label_names)))
     p, r, f, s = precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
     return {
@@ -80,6 +81,8 @@ def compute_metrics(labels: np.ndarray, preds: np.ndarray, label_names: list[str
 
 
 def report_text(labels: np.ndarray, preds: np.ndarray, label_names: list[str]) -> str:
+    from sklearn.metrics import classification_report
+
     return classification_report(
         labels, preds, labels=list(range(len(label_names))), target_names=label_names, digits=4, zero_division=0
     )
@@ -155,6 +158,10 @@ def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict
         "params": cfg.to_dict(),
         "versions": library_versions(),
     }
+    if cfg.baseline:
+        from hybridlib.baselines import tfidf_logreg
+
+        metrics["baselines"] = {"tfidf_logreg": tfidf_logreg(data, seed=cfg.seed)}
     atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     report = report_text(test["labels"], test["preds"], data.label_names)
     atomic_write(run_dir / "classification_report.txt", lambda tmp: Path(tmp).write_text(report))
@@ -165,7 +172,7 @@ def evaluate_checkpoint(path, split: str = "test", overrides: dict[str, Any] | N
     """Metrics of a saved model on a split of its dataset (or of another, via ``overrides``)."""
     from pathlib import Path
 
-    from hybridlib.checkpoint import load_checkpoint
+    from hybridlib.checkpoint import check_compatible, load_checkpoint
     from hybridlib.config import config_from_dict, validate
     from hybridlib.data import load_tokenizer, prepare_data
     from hybridlib.errors import ConfigError
@@ -184,6 +191,7 @@ def evaluate_checkpoint(path, split: str = "test", overrides: dict[str, Any] | N
     cfg = config_from_dict(values)
     local_tok = path.parent / "tokenizer"
     tok = load_tokenizer(str(local_tok) if local_tok.is_dir() and "tokenizer" not in overrides else cfg.tokenizer)
+    check_compatible(ckpt, vocab_size=len(tok))  # before tokenizing a whole dataset with the wrong tokenizer
     data = prepare_data(cfg, tok)
     device = resolve_device(cfg.device)
     model, _ = load_model(path, device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
@@ -202,3 +210,18 @@ def metrics_table(metrics: dict[str, Any]):
                                               "train_seconds", "num_parameters") if k in metrics}, name="value")
     display(head.to_frame())
     return pd.DataFrame(metrics["per_class"]).T.round(4)
+
+
+def baseline_table(metrics: dict[str, Any]):
+    """The model beside the classic baselines fitted on the same split (rows), as a DataFrame."""
+    import pandas as pd
+
+    rows = [{
+        "model": "+".join(metrics["params"]["branches"]),
+        "val_accuracy": metrics["best_val_accuracy"],
+        "test_accuracy": metrics["test_accuracy"],
+        "test_macro_f1": metrics["test_macro_f1"],
+    }]
+    for name, b in metrics.get("baselines", {}).items():
+        rows.append({"model": name, **{k: b[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1")}})
+    return pd.DataFrame(rows).set_index("model").round(4)

@@ -25,6 +25,7 @@ from hybridlib.checkpoint import (
     atomic_write,
     get_rng_state,
     load_checkpoint,
+    remove_stale_temp_files,
     save_checkpoint,
     set_rng_state,
 )
@@ -80,6 +81,18 @@ def model_checkpoint(model, cfg: Config, data: Data, epoch: int, best_metric: fl
         "epoch": epoch,
         "best_metric": best_metric,
     }
+
+
+def diverged_message(what: str, epoch: int, step, run_dir: Path, best_epoch: int, cfg: Config) -> str:
+    kept = (
+        f"The best checkpoint so far is kept ({run_dir / 'model.pt'}, epoch {best_epoch})."
+        if best_epoch else "No checkpoint was saved (it diverged before the first epoch ended)."
+    )
+    return (
+        f"Training diverged: {what} at epoch {epoch}, step {step}. {kept} "
+        f"Start a new run with a lower lr (now {cfg.lr}), grad_clip > 0 (now {cfg.grad_clip}), or precision fp32, "
+        f"or check the data."
+    )
 
 
 def write_log(history: list[dict[str, float]], path: Path) -> None:
@@ -149,7 +162,13 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
         scheduler.load_state_dict(state["scheduler"])
         history, best_acc, best_epoch = state["history"], state["best_metric"], state["best_epoch"]
         bad_epochs, start_epoch = state["bad_epochs"], state["epoch"] + 1
-        set_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"])
+        rng = state["rng"]  # a list (one per rank) when saved by N processes; resumable with any N
+        set_rng_state(rng[dist.rank % len(rng)] if isinstance(rng, list) else rng)
+        if state.get("scaler"):  # fp16 loss scale (absent in older last.pt files)
+            scaler.load_state_dict(state["scaler"])
+        if dist.is_main:
+            remove_stale_temp_files(run_dir)  # left by a write that a kill interrupted
+            write_log(history, run_dir / "training_log.csv")  # a kill may have come between last.pt and the log
     else:
         set_seed(cfg.seed + dist.rank)
 
@@ -170,11 +189,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
                 logits = net(ids, mask)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
-                raise RunError(
-                    f"Training diverged: the loss became {loss.item()} at epoch {epoch}, step {step}. "
-                    f"The best checkpoint so far is kept ({run_dir / 'model.pt'}, epoch {best_epoch}). "
-                    f"Lower lr (now {cfg.lr}), keep grad_clip > 0, or check the data."
-                )
+                raise RunError(diverged_message(f"the loss became {loss.item()}", epoch, step, run_dir, best_epoch, cfg))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -192,6 +207,8 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
 
         loss_sum, correct, n = all_reduce_sum(sums, device)
         val_loss, val_acc = validate(model, val_ds, cfg, data.pad_id, device, amp_dtype)
+        if not math.isfinite(val_loss):  # never let non-finite weights become model.pt / last.pt
+            raise RunError(diverged_message(f"the validation loss became {val_loss}", epoch, "end", run_dir, best_epoch, cfg))
         row = {
             "epoch": epoch,
             "train_loss": loss_sum / n,
@@ -220,6 +237,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
                 history=history,
                 best_epoch=best_epoch,
                 bad_epochs=bad_epochs,
+                scaler=scaler.state_dict(),
             )
             save_checkpoint(last, run_dir / "last.pt")
             write_log(history, run_dir / "training_log.csv")

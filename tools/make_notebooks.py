@@ -24,8 +24,9 @@ def nb(cells):
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"},
     }
-    for kind, src, *tags in cells:
+    for i, (kind, src, *tags) in enumerate(cells):
         c = nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src)
+        c.id = f"cell-{i}"  # stable ids: regenerating gives no spurious diffs
         if tags:
             c.metadata["tags"] = tags
         out.cells.append(c)
@@ -51,11 +52,13 @@ NOTEBOOKS = {
     "02_training.ipynb": [
         ("md", "# 02 · Training\n\nShared embedding → BiLSTM ∥ multi-kernel CNN → concat → MLP. AdamW with warm-up "
                "and decay, gradient clipping, early stopping on validation accuracy. The best epoch is saved as "
-               "`model.pt`, every epoch as `last.pt` (for `--resume`), and `training_log.csv` grows by one row per epoch."),
+               "`model.pt`, every epoch as `last.pt` (for `--resume`), and `training_log.csv` grows by one row per epoch.\n\n"
+               "With `num_processes` > 1 (e.g. `hybridlib run ... -p num_processes 2`) `fit` trains with that many "
+               "processes on this machine (one per GPU, or CPU processes) via `torch.distributed`; see docs/README_distributed.md."),
         ("code", SETUP),
         ("code", PARAMS_TRAIN, "parameters"),
-        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.model import build_model\nfrom hybridlib.runs import start_run\nfrom hybridlib.training import train\n\ncfg = nb.config()\nrun_dir = start_run(cfg)\ndata = prepare_data(cfg)\nprint(f\"run folder: {run_dir}\")\nprint(build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id))"),
-        ("code", "result = train(cfg, run_dir, data)"),
+        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.distributed import fit\nfrom hybridlib.model import build_model\nfrom hybridlib.runs import start_run\n\ncfg = nb.config()\nrun_dir = start_run(cfg)\ndata = prepare_data(cfg)\nprint(f\"run folder: {run_dir}\")\nprint(build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id))"),
+        ("code", "result = fit(cfg, run_dir, data)  # num_processes > 1: DDP workers on this machine"),
         ("code", "import pandas as pd\n\nprint(f\"best validation accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; \"\n      f\"{result.train_seconds:.0f} s of training, {result.num_parameters:,} parameters\")\npd.DataFrame(result.history).set_index(\"epoch\").round(4)"),
     ],
     "03_evaluation.ipynb": [
@@ -63,8 +66,11 @@ NOTEBOOKS = {
                "the mistakes the model was most sure of. Writes `metrics.json` and `classification_report.txt`."),
         ("code", SETUP),
         ("code", PARAMS_RUN, "parameters"),
-        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.evaluation import confident_mistakes, evaluate_run, metrics_table\n\ncfg, run_dir = nb.run_config()\ndata = prepare_data(cfg)\nout = evaluate_run(cfg, run_dir, data)\nmetrics_table(out[\"metrics\"])"),
+        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.evaluation import baseline_table, confident_mistakes, evaluate_run, metrics_table\n\ncfg, run_dir = nb.run_config()\ndata = prepare_data(cfg)\nout = evaluate_run(cfg, run_dir, data)\nmetrics_table(out[\"metrics\"])"),
         ("code", "print(out[\"report\"])"),
+        ("md", "## Against the classic baseline\nTF-IDF (1-2-grams) + logistic regression, fitted on the same train split, "
+               "C chosen on the same validation split (`baseline: false` skips it). Is the deep model worth it?"),
+        ("code", "baseline_table(out[\"metrics\"])"),
         ("md", "## Most confident mistakes"),
         ("code", "confident_mistakes(data.splits[\"test\"][\"text\"], out[\"test\"], data.label_names, k=10)"),
     ],
@@ -76,10 +82,26 @@ NOTEBOOKS = {
         ("code", "from IPython.display import Image, display\nfrom hybridlib.plots import save_run_plots\n\ncfg, run_dir = nb.run_config()\npaths, metrics = save_run_plots(run_dir)\nfor p in paths:\n    display(Image(filename=str(p)))"),
     ],
     "05_prediction.ipynb": [
-        ("md", "# 05 · Prediction\n\nClassify your own texts with a trained run (`hybridlib.Predictor`)."),
+        ("md", "# 05 · Prediction\n\nClassify your own texts with a trained run (`hybridlib.Predictor`; the same "
+               "from the shell: `hybridlib predict --checkpoint outputs/RUN/model.pt --text \"...\"`)."),
         ("code", SETUP),
         ("code", PARAMS_RUN, "parameters"),
-        ("code", "import pandas as pd\nfrom hybridlib.prediction import Predictor\n\ncfg, run_dir = nb.run_config()\npredictor = Predictor.from_run(run_dir)\ntexts = [\n    \"The team won the championship after a dramatic final match.\",\n    \"Shares fell sharply as the company reported lower quarterly profits.\",\n    \"A wonderful film: moving, funny and beautifully acted.\",\n]\npd.DataFrame([{\"text\": t, **r[\"probabilities\"], \"label\": r[\"label\"]} for t, r in zip(texts, predictor.predict(texts))]).round(3)"),
+        ("code", "from hybridlib.prediction import Predictor\nfrom hybridlib.widgets import examples_for, make_predict_widget\n\ncfg, run_dir = nb.run_config()\npredictor = Predictor.from_run(run_dir)\npredictor.table(examples_for(cfg.dataset))"),
+        ("md", "## Try it\nPick a run, type or paste a text (or click an example) and press **Predict**: the label, "
+               "the probability of every class, and the words that pushed the decision (green: towards the "
+               "predicted class, red: away from it; gradient × input)."),
+        ("code", "make_predict_widget(run_dir=run_dir)"),
+    ],
+    "06_compare_runs.ipynb": [
+        ("md", "# 06 · Compare runs\n\nRuns side by side: the ablation `branches: [cnn]` / `[lstm]` / `[cnn, lstm]`, "
+               "seeds, or any other change. Runs that share params (all but the seed) are one row, mean ± std over "
+               "their seeds. Same as `hybridlib compare outputs/RUN ...`."),
+        ("code", "runs = []     # run folders to compare (empty: every evaluated run under outputs/)\n"
+                 "out_dir = None  # where comparison.md/.csv and val_curves.png go (None: outputs/comparison)", "parameters"),
+        ("code", "from hybridlib.compare import compare_runs, plot_val_curves, write_comparison\nfrom hybridlib.runs import list_runs, outputs_root\n\n"
+                 "run_dirs = runs or [r[\"run_dir\"] for r in list_runs() if (r[\"run_dir\"] / \"metrics.json\").is_file()]\n"
+                 "table, paths = write_comparison(run_dirs, out_dir or outputs_root() / \"comparison\")\ntable"),
+        ("code", "_, loaded = compare_runs(run_dirs)\nplot_val_curves(loaded);"),
     ],
 }
 
