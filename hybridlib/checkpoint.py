@@ -42,6 +42,14 @@ def atomic_write(path: str | Path, write) -> None:
             os.unlink(tmp)
 
 
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temp files of atomic writes that a killed process left in ``folder``; return them."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class Config:
     label_names: Optional[list[str]] = _f(
         None,
         "Class names in label-id order. Default: the dataset's ClassLabel names, else the sorted distinct labels.",
+        unique=True,
     )
     val_size: float = _f(0.1, "Fraction of train held out (stratified) for validation.", min=0.0, max=0.9, exclusive_min=True)
     max_train_samples: Optional[int] = _f(None, "Use at most this many training texts (quick runs).", min=1)
@@ -61,7 +63,7 @@ class Config:
     )
 
     # --- model ---
-    branches: list[str] = _f(["cnn", "lstm"], "Which branches to use: any of cnn, lstm.", choices=BRANCHES)
+    branches: list[str] = _f(["cnn", "lstm"], "Which branches to use: any of cnn, lstm.", choices=BRANCHES, unique=True)
     embed_dim: int = _f(128, "Size of the learned token embedding.", min=1)
     embed_dropout: float = _f(0.1, "Word dropout: probability of zeroing a whole token embedding during training.", min=0.0, max=1.0, exclusive_max=True)
     lstm_hidden: int = _f(128, "Hidden size of each LSTM direction.", min=1)
@@ -72,7 +74,9 @@ class Config:
     mlp_hidden: int = _f(128, "Hidden size of the MLP classifier (0: a single linear layer).", min=0)
     dropout: float = _f(0.5, "Dropout before (and inside) the MLP classifier.", min=0.0, max=1.0, exclusive_max=True)
     pretrained_embeddings: Optional[str] = _f(
-        None, "Initialise the embedding from these vectors (a .pt/.npy matrix, vocab-size x embed_dim)."
+        None,
+        "Initialise the embedding from pretrained vectors of the same vocabulary: 'minilm' (all-MiniLM-L6-v2's "
+        "input embeddings, extra [pretrained]) or a .pt/.npy/.safetensors matrix (vocab x dim; PCA to embed_dim).",
     )
 
     # --- training ---
@@ -86,10 +90,10 @@ class Config:
     grad_clip: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0, exclusive_max=True)
     patience: int = _f(2, "Stop after this many epochs without a better validation accuracy (0: never).", min=0)
-    seed: int = _f(42, "Seed for the split, shuffling and initialisation.")
+    seed: int = _f(42, "Seed for the split, shuffling and initialisation.", min=0)
 
     # --- speed ---
-    device: str = _f("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    device: str = _f("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.", pattern=r"auto|cpu|cuda(:\d+)?|mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto", "auto: bf16 autocast on CPUs that support it, AMP (bf16/fp16) on CUDA; fp32 to turn it off."
     )
@@ -175,16 +179,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported field type {tp}")
 
 
-def _check_constraints(key: str, value: Any, meta: dict) -> None:
+def _check_constraints(key: str, value: Any, meta: dict, source: str = "") -> None:
+    where = f" in {source}" if source else ""
     items = value if isinstance(value, list) else [value]
     for v in items:
         if v is None:
             continue
         if "choices" in meta and v not in meta["choices"]:
             raise ConfigError(
-                f"Parameter '{key}': {v!r} is not allowed; expected any of {', '.join(meta['choices'])}. "
+                f"Parameter '{key}'{where}: {v!r} is not allowed; expected any of {', '.join(meta['choices'])}. "
                 f"Fix it in the params file or with -p {key} ..."
             )
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], str(v)):
+            raise ConfigError(f"Parameter '{key}'{where}: {v!r} is not allowed. {FIELDS[key].metadata['help']}")
         lo, hi = meta.get("min"), meta.get("max")
         bad_lo = lo is not None and (v <= lo if meta.get("exclusive_min") else v < lo)
         bad_hi = hi is not None and (v >= hi if meta.get("exclusive_max") else v > hi)
@@ -192,9 +199,14 @@ def _check_constraints(key: str, value: Any, meta: dict) -> None:
             lo_s = "" if lo is None else (f"> {lo}" if meta.get("exclusive_min") else f">= {lo}")
             hi_s = "" if hi is None else (f"< {hi}" if meta.get("exclusive_max") else f"<= {hi}")
             rng = " and ".join(s for s in (lo_s, hi_s) if s)
-            raise ConfigError(f"Parameter '{key}': got {v!r}, expected a value {rng}. {FIELDS[key].metadata['help']}")
+            raise ConfigError(
+                f"Parameter '{key}'{where}: got {v!r}, expected a value {rng}. {FIELDS[key].metadata['help']}"
+            )
     if isinstance(value, list) and not value:
-        raise ConfigError(f"Parameter '{key}': the list is empty. {FIELDS[key].metadata['help']}")
+        raise ConfigError(f"Parameter '{key}'{where}: the list is empty. {FIELDS[key].metadata['help']}")
+    if isinstance(value, list) and meta.get("unique") and len(set(value)) != len(value):
+        dup = sorted({v for v in value if value.count(v) > 1}, key=str)
+        raise ConfigError(f"Parameter '{key}'{where}: {dup} appear more than once; list each only once.")
 
 
 def unknown_key_message(key: str, source: str = "") -> str:
@@ -221,7 +233,7 @@ def validate(values: dict[str, Any], source: str = "") -> dict[str, Any]:
                 f"Parameter '{key}'{' in ' + source if source else ''}: got {value!r} "
                 f"({type(value).__name__}), expected {_type_name(tp)}. {FIELDS[key].metadata['help']}"
             ) from None
-        _check_constraints(key, v, FIELDS[key].metadata)
+        _check_constraints(key, v, FIELDS[key].metadata, source)
         clean[key] = v
     return clean
 

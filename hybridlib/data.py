@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -30,20 +28,36 @@ HUB_TIMEOUT_S = 3.0
 
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """True if the Hugging Face hub answers a TCP connect within ``timeout`` (and offline mode is off)."""
+    """True if the Hugging Face hub answers an HTTP HEAD request within ``timeout`` (and offline mode is off).
+
+    HTTP rather than a bare TCP connect: it goes through $HTTPS_PROXY like the hub clients do (a proxy-only
+    network is online), and a middlebox that accepts connections but never answers (or answers with a
+    certificate that is not the hub's) counts as offline instead of costing the clients' ~50 s of retries.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "") or os.environ.get(
         "HF_DATASETS_OFFLINE", "0"
     ).lower() not in ("0", "false", ""):
         return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/"
     result: list[bool] = []
 
     def probe() -> None:
+        import urllib.error
+        import urllib.request
+
         try:
-            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+            import certifi  # the CA bundle the hub clients use (the system's may be missing)
+            import ssl
+
+            context = ssl.create_default_context(cafile=certifi.where())
+        except ImportError:
+            context = None
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout, context=context).close()
             result.append(True)
-        except OSError:
+        except urllib.error.HTTPError as e:  # it answered; 5xx: a proxy that cannot reach it, or the hub is down
+            result.append(e.code < 500)
+        except (OSError, ValueError):  # DNS, refused, timeout, TLS (URLError is an OSError)
             result.append(False)
 
     # in a thread: a DNS lookup that hangs is not covered by the socket timeout
@@ -174,6 +188,20 @@ def _split_file(folder: Path, split: str) -> Path:
     return found[0]
 
 
+def _is_empty_file(path: Path) -> bool:
+    """True if a data file holds no rows (a csv may still hold its header line)."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows == 0
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = sum(1 for line in f if line.strip())
+        return lines <= (1 if path.suffix == ".csv" else 0)
+    except Exception:
+        return False
+
+
 def load_raw(cfg: Config):
     """A DatasetDict with the train and test splits, from local files or the hub."""
     import datasets
@@ -188,7 +216,15 @@ def load_raw(cfg: Config):
         try:
             return datasets.load_dataset(kinds.pop(), data_files={k: str(p) for k, p in files.items()})
         except Exception as e:
-            raise DataError(f"Could not read the data files in {folder}: {e}") from None
+            for key, p in files.items():  # an empty file makes datasets fail with an obscure message
+                if _is_empty_file(p):
+                    raise DataError(
+                        f"The {splits[key]} split ({p}) is empty; it needs at least one row. Fill it or point "
+                        f"{key}_split at another file."
+                    ) from None
+            cause = e.__cause__ or e.__context__
+            detail = f"{e} ({type(cause).__name__}: {cause})" if cause is not None else str(e)
+            raise DataError(f"Could not read the data files in {folder}: {detail}") from None
 
     offline = not hub_reachable()
     if offline:
@@ -212,6 +248,13 @@ def load_raw(cfg: Config):
 
 
 def _check_columns(ds, cfg: Config, split: str) -> None:
+    import datasets
+
+    if cfg.text_column == cfg.label_column:
+        raise DataError(
+            f"text_column and label_column are both '{cfg.text_column}'; they must name two different columns "
+            f"(the {split} split has {ds.column_names})."
+        )
     for key in ("text_column", "label_column"):
         col = getattr(cfg, key)
         if col not in ds.column_names:
@@ -221,6 +264,18 @@ def _check_columns(ds, cfg: Config, split: str) -> None:
             )
     if len(ds) == 0:
         raise DataError(f"The {split} split is empty; it needs at least one row.")
+    text, label = ds.features[cfg.text_column], ds.features[cfg.label_column]
+    if not (isinstance(text, datasets.Value) and text.dtype in ("string", "large_string", "null")):
+        raise DataError(
+            f"Column '{cfg.text_column}' (text_column) of the {split} split holds {text}, not text (strings). "
+            f"Set text_column to the column with the texts; the columns are {ds.column_names}."
+        )
+    if not isinstance(label, (datasets.ClassLabel, datasets.Value)):
+        raise DataError(
+            f"Column '{cfg.label_column}' (label_column) of the {split} split holds {type(label).__name__} values, "
+            f"not one label per row (an int or a string). Set label_column to the label column; the columns are "
+            f"{ds.column_names}."
+        )
 
 
 def _check_nulls(ds, col: str, split: str) -> None:
@@ -242,10 +297,9 @@ def encode_labels(raw, cfg: Config):
     for split, ds in raw.items():
         _check_columns(ds, cfg, split)
     raw = raw.select_columns([cfg.text_column, cfg.label_column])
-    if cfg.text_column != "text":
-        raw = raw.rename_column(cfg.text_column, "text")
-    if cfg.label_column != "label":
-        raw = raw.rename_column(cfg.label_column, "label")
+    renames = {c: n for c, n in ((cfg.text_column, "text"), (cfg.label_column, "label")) if c != n}
+    if renames:  # all at once: label_column may be called "text" (or text_column "label")
+        raw = raw.rename_columns(renames)
     for split, ds in raw.items():
         _check_nulls(ds, "text", split)
         _check_nulls(ds, "label", split)

@@ -34,6 +34,9 @@ def prepare_run(
     file_paths = resolve_paths({k: v for k, v in values.items() if k not in (overrides or {})}, project_root())
     cli_paths = resolve_paths({k: v for k, v in values.items() if k in (overrides or {})}, cwd)
     cfg = load_config(None, {**file_paths, **cli_paths})
+    from hybridlib.data import preflight
+
+    preflight(cfg)  # a missing dataset/tokenizer fails here, before a run folder exists
     root = Path(outputs) if outputs else outputs_root()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else root / (run_name or default_run_name(cfg))
     create_run_dir(run_dir.resolve())
