@@ -149,6 +149,8 @@ def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict
         "epochs_run": len(history),
         "train_seconds": float(sum(r["seconds"] for r in history)),
         "num_parameters": count_parameters(model),
+        **({"train_" + k: v for k, v in json.loads((run_dir / "train_info.json").read_text()).items()}
+           if (run_dir / "train_info.json").is_file() else {}),
         "num_train": len(data.splits["train"]),
         "num_validation": len(data.splits["validation"]),
         "num_test": len(data.splits["test"]),

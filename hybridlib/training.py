@@ -9,6 +9,7 @@ every epoch's batches, metrics are summed over ranks, and only rank 0 writes fil
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from hybridlib.data import Data, make_loader, prepare_data
 from hybridlib.errors import RunError
 from hybridlib.evaluation import loss_and_accuracy, predict_logits
 from hybridlib.model import build_model, count_parameters
-from hybridlib.runtime import all_reduce_sum, autocast, dist_info, resolve_device, resolve_precision, set_seed
+from hybridlib.runtime import all_reduce_sum, autocast, dist_info, peak_rss_mb, resolve_device, resolve_precision, set_seed
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -247,6 +248,11 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
                     f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} ({row['seconds']:.1f}s)"
                     + (" *" if improved else "")
                 )
+
+    if dist.is_main:  # how this training ran, for metrics.json (peak memory of the training process)
+        info = {"peak_rss_mb": peak_rss_mb(), "device": str(device), "precision": str(amp_dtype or "fp32"),
+                "num_threads": torch.get_num_threads(), "num_processes": dist.world_size}
+        atomic_write(run_dir / "train_info.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
 
     return TrainResult(
         history=history,
