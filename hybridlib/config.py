@@ -79,6 +79,8 @@ class Config:
         "input embeddings, extra [pretrained]) or a .pt/.npy/.safetensors matrix (vocab x dim; PCA to embed_dim).",
     )
 
+    freeze_embeddings: bool = _f(False, "Keep the (pretrained) embedding fixed during training.")
+
     # --- training ---
     epochs: int = _f(5, "Maximum number of epochs.", min=1)
     batch_size: int = _f(64, "Training batch size (global, across processes).", min=1)

@@ -135,6 +135,7 @@ def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0)
         from hybridlib.embeddings import load_pretrained_embeddings
 
         load_pretrained_embeddings(model.embedding, cfg.pretrained_embeddings)
+    model.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
     return model
 
 
