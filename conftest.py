@@ -30,8 +30,9 @@ def pytest_configure(config) -> None:
         HYBRIDLIB_DATA_DIR=str(work / "data"),
         HYBRIDLIB_TOKENIZERS_DIR=str(work / "tokenizers"),
         HYBRIDLIB_OUTPUTS=str(work / "outputs"),
-        HF_HOME=str(work / "hf_home"),
-        HF_DATASETS_CACHE=str(work / "hf_datasets"),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
     )
+    # keep the private caches tests/conftest.py set up (if loaded), else make our own
+    os.environ.setdefault("HF_HOME", str(work / "hf_home"))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(work / "hf_datasets"))

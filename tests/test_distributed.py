@@ -111,10 +111,10 @@ def test_rank0_alone_writes_the_artifacts(runs):
     t0, t1 = runs["traces"][0], runs["traces"][1]
     assert t1["writes"] == []
     written = {Path(p).parts[0] for p in t0["writes"] if p != "."}
-    assert {"model.pt", "last.pt", "training_log.csv", "tokenizer"} <= written
+    assert {"model.pt", "last.pt", "training_log.csv", "tokenizer", "train_info.json"} <= written
     run_dir = runs["dir"] / "ddp"
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {"model.pt", "last.pt", "training_log.csv", "tokenizer"}  # no temp files, no per-rank files
+    assert names == {"model.pt", "last.pt", "training_log.csv", "tokenizer", "train_info.json"}  # no temp files, no per-rank files
     header = (run_dir / "training_log.csv").read_text().splitlines()[0]
     assert header.split(",") == LOG_COLUMNS
     last = torch.load(run_dir / "last.pt", weights_only=True)
