@@ -72,6 +72,8 @@ def resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative path parameters absolute against ``base`` (tokenizer only if such a folder exists)."""
     out = dict(values)
     for key in PATH_FIELDS:
+        if key == "pretrained_embeddings" and out.get(key) == "minilm":
+            continue  # a named source, not a path
         if out.get(key) and not Path(out[key]).expanduser().is_absolute():
             out[key] = str((base / out[key]).resolve())
     tok = out.get("tokenizer")

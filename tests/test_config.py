@@ -217,3 +217,12 @@ def test_cli_values_coerced_by_load_config(key, text, expected):
 def test_bad_cli_values_rejected(key, text):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(overrides={key: parse_cli_value(text)})
+
+
+def test_named_pretrained_embeddings_are_not_taken_for_paths(tmp_path):
+    from hybridlib.runs import resolve_paths
+
+    out = resolve_paths({"pretrained_embeddings": "minilm", "data_dir": "data"}, tmp_path)
+    assert out["pretrained_embeddings"] == "minilm"
+    assert out["data_dir"] == str((tmp_path / "data").resolve())
+    assert resolve_paths({"pretrained_embeddings": "vecs.npy"}, tmp_path)["pretrained_embeddings"] == str(tmp_path / "vecs.npy")
