@@ -119,6 +119,17 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from hybridlib.bench import format_report, run_benchmark
+
+    result = run_benchmark(
+        a.params, _overrides(a.parameter), steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds,
+        eval_texts=a.eval_texts, predict_n=a.predict_n, cold=not a.no_cold, progress=not a.json,
+    )
+    print(json.dumps(result, indent=2) if a.json else format_report(result))
+    return 0
+
+
 def cmd_params(a: argparse.Namespace) -> int:
     from hybridlib.config import describe
 
@@ -163,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="Run folders, e.g. outputs/imdb-*.")
     p.add_argument("--out", default="outputs/comparison", help="Where to write comparison.md/.csv and val_curves.png.")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="Measure training (vs a naive reference), inference and tokenization speed.")
+    p.add_argument("params", help="Params YAML, e.g. params/imdb.yaml.")
+    p.add_argument("--json", action="store_true", help="Print the figures as one JSON object.")
+    p.add_argument("--steps", type=int, default=20, help="Timed training steps per path (default 20).")
+    p.add_argument("--warmup", type=int, default=3, help="Untimed warm-up steps per path (default 3).")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="Stop the timed training steps after this long.")
+    p.add_argument("--eval-texts", type=int, default=1024, help="Test texts for the batch inference figure.")
+    p.add_argument("--predict-n", type=int, default=50, help="Single texts timed through Predictor.predict.")
+    p.add_argument("--no-cold", action="store_true", help="Skip the cold tokenization (use the usual datasets cache).")
+    _add_p(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("params", help="List every parameter with its type, default and meaning.")
     p.set_defaults(func=cmd_params)

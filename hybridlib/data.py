@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +47,9 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
         import urllib.request
 
         try:
-            import certifi  # the CA bundle the hub clients use (the system's may be missing)
             import ssl
+
+            import certifi  # the CA bundle the hub clients use (the system's may be missing)
 
             context = ssl.create_default_context(cafile=certifi.where())
         except ImportError:
@@ -141,6 +143,20 @@ def special_tokens(tok) -> tuple[list[int], list[int]]:
     return [], []
 
 
+def token_ids(tok, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, without special tokens and uncut.
+
+    Calls the Rust tokenizer directly, and its batch encoder that skips character offsets (never used
+    here) when it has one: ~20% less CPU than ``tok(texts)`` on IMDB, same ids. A backend configured to
+    truncate or pad by itself goes through ``tok(...)``, which switches that off for the call.
+    """
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return tok(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+
 def encode_texts(tok, texts: list[str], max_length: int, truncation: str) -> tuple[list[list[int]], list[int]]:
     """Token ids with special tokens, cut to ``max_length`` keeping the head (or head and tail),
     and each text's full length before the cut (for the truncation statistics of 01)."""
@@ -148,7 +164,7 @@ def encode_texts(tok, texts: list[str], max_length: int, truncation: str) -> tup
     n_special = len(prefix) + len(suffix)
     budget = max(max_length - n_special, 1)
     head = budget if truncation == "head" else max(budget // 4, min(budget, 1))
-    enc = tok(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+    enc = token_ids(tok, texts)
     out = []
     for ids in enc:
         if len(ids) > budget:

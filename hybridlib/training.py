@@ -35,7 +35,15 @@ from hybridlib.data import Data, make_loader, prepare_data
 from hybridlib.errors import RunError
 from hybridlib.evaluation import loss_and_accuracy, predict_logits
 from hybridlib.model import build_model, count_parameters
-from hybridlib.runtime import all_reduce_sum, autocast, dist_info, peak_rss_mb, resolve_device, resolve_precision, set_seed
+from hybridlib.runtime import (
+    all_reduce_sum,
+    autocast,
+    dist_info,
+    peak_rss_mb,
+    resolve_device,
+    resolve_precision,
+    set_seed,
+)
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -123,6 +131,36 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
             )
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters; fused (one kernel for all tensors): ~1.2x faster steps on CPU."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, device, amp_dtype):
+    """One optimisation step on ``batch``: the body of the training loop (``hybridlib.bench`` times this too).
+
+    ``net`` is ``model`` or its DDP wrapper. Returns (loss, logits, labels); when the loss is not finite
+    nothing is updated and the caller decides what to do.
+    """
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    mask = batch["attention_mask"].to(device, non_blocking=True)
+    y = batch["labels"].to(device, non_blocking=True)
+    with autocast(device, amp_dtype):
+        logits = net(ids, mask)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    if not torch.isfinite(loss):
+        return loss, logits, y
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss, logits, y
+
+
 def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: bool = True) -> TrainResult:
     """Train on ``data`` (prepared from ``cfg`` if not given); write model.pt, last.pt and the log to ``run_dir``."""
     dist = dist_info()
@@ -146,7 +184,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
     set_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)  # fused: ~1.2x faster on CPU
+    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(make_loader(train_ds, cfg, data.pad_id, train=True, rank=dist.rank, world_size=dist.world_size))
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -183,22 +221,9 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
         sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
         bar = tqdm(loader, desc=f"Epoch {epoch}/{cfg.epochs}", disable=not (progress and dist.is_main), leave=False)
         for step, batch in enumerate(bar, 1):
-            ids = batch["input_ids"].to(device, non_blocking=True)
-            mask = batch["attention_mask"].to(device, non_blocking=True)
-            y = batch["labels"].to(device, non_blocking=True)
-            with autocast(device, amp_dtype):
-                logits = net(ids, mask)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss, logits, y = train_step(net, model, batch, optimizer, scheduler, scaler, cfg, device, amp_dtype)
             if not torch.isfinite(loss):
                 raise RunError(diverged_message(f"the loss became {loss.item()}", epoch, step, run_dir, best_epoch, cfg))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
             n = y.numel()
             sums[0] += loss.item() * n
             sums[1] += (logits.argmax(1) == y).sum().item()
