@@ -12,11 +12,32 @@ the same for the LSTM but measured about 2x slower on CPU.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridlib.config import Config
+
+_side_thread: ThreadPoolExecutor | None = None  # runs the CNN branch beside the LSTM, see features()
+
+
+def _side() -> ThreadPoolExecutor:
+    global _side_thread
+    if _side_thread is None:
+        _side_thread = ThreadPoolExecutor(1, thread_name_prefix="hybridlib-cnn")
+    return _side_thread
+
+
+def _forget_side_thread() -> None:  # a forked child has no copy of the thread: start a new one there
+    global _side_thread
+    _side_thread = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_side_thread)
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -118,12 +139,37 @@ class HybridClassifier(nn.Module):
             # word-level dropout: drop whole token vectors (cheaper than per element, regularises more)
             keep = F.dropout(keep, self.embed_dropout)
         x = self.embedding(input_ids) * keep
+        if self.lstm is not None and self.cnn is not None and self._cnn_beside_lstm(x):
+            # Inference on one CPU thread (Predictor on a few texts) leaves the other cores idle: run the
+            # CNN branch on a second thread meanwhile. Same numbers; one IMDB review's predict latency
+            # p50 10.2 -> 7.6 ms on 2 idle cores, unchanged when the cores are busy.
+            inference = torch.is_inference_mode_enabled()
+
+            def cnn() -> torch.Tensor:
+                torch.set_num_threads(1)  # this thread's own OpenMP setting, as the caller's
+                with torch.no_grad(), torch.inference_mode(inference):
+                    return self.cnn(x, mask, lengths)
+
+            cnn_out = _side().submit(cnn)
+            return torch.cat([self.lstm(x, mask, lengths), cnn_out.result()], dim=-1)
         parts = []
         if self.lstm is not None:
             parts.append(self.lstm(x, mask, lengths))
         if self.cnn is not None:
             parts.append(self.cnn(x, mask, lengths))
         return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def _cnn_beside_lstm(x: torch.Tensor) -> bool:
+        """Run the branches concurrently? Only without autograd, on a CPU, when torch uses one thread
+        and there is a second core; not under torch.distributed, whose ranks already share the cores."""
+        return (
+            not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and torch.get_num_threads() == 1
+            and (os.cpu_count() or 1) > 1
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.features(input_ids, attention_mask))

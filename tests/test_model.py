@@ -249,3 +249,22 @@ def test_model_learns_a_trivial_task():
     model.eval()
     with torch.no_grad():
         assert (model(ids, mask).argmax(1) == y).float().mean().item() == 1.0
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_cnn_beside_lstm_gives_the_same_features(inference_mode, monkeypatch):
+    """Without autograd on one CPU thread the CNN branch runs on a second thread: same numbers as in turn."""
+    model = make_model(branches=["cnn", "lstm"], lstm_pooling="both", lstm_layers=2)
+    ids, mask = pad_batch([random_ids(n, seed=n) for n in (2, 7, 12)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert not HybridClassifier._cnn_beside_lstm(torch.zeros(1))  # autograd on: one after the other
+        with torch.inference_mode() if inference_mode else torch.no_grad():
+            assert HybridClassifier._cnn_beside_lstm(torch.zeros(1))
+            beside = model.features(ids, mask)
+            monkeypatch.setattr(HybridClassifier, "_cnn_beside_lstm", staticmethod(lambda x: False))
+            in_turn = model.features(ids, mask)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(beside, in_turn)
