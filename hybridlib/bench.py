@@ -332,11 +332,10 @@ def run_benchmark(params: str | Path | None = None, overrides: dict[str, Any] | 
 
     from hybridlib.data import load_tokenizer
     from hybridlib.errors import DataError
-    from hybridlib.runtime import peak_rss_mb, resolve_device, resolve_precision
+    from hybridlib.runtime import apply_num_threads, peak_rss_mb, resolve_device, resolve_precision
 
     cfg = load_config(params, overrides)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    apply_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     result: dict[str, Any] = {

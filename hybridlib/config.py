@@ -101,7 +101,9 @@ class Config:
     )
     bucket_by_length: bool = _f(True, "Batch texts of similar length together (less padding, faster).")
     num_workers: int = _f(0, "DataLoader worker processes.", min=0)
-    num_threads: Optional[int] = _f(None, "CPU threads for torch (default: torch's choice).", min=1)
+    num_threads: Optional[int] = _f(
+        None, "CPU threads for torch in training and evaluation (default: one per core). Use 1 on a shared "
+        "machine: busy cores slow torch's default threads ~10x.", min=1)
     num_processes: int = _f(1, "Training processes (DDP via torchrun; gloo on CPU, NCCL on CUDA).", min=1)
 
     # --- run ---

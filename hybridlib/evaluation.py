@@ -127,9 +127,10 @@ def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict
 
     from hybridlib.checkpoint import atomic_write
     from hybridlib.prediction import load_model
-    from hybridlib.runtime import resolve_device, resolve_precision
+    from hybridlib.runtime import apply_num_threads, resolve_device, resolve_precision
     from hybridlib.training import load_history
 
+    apply_num_threads(cfg.num_threads)
     run_dir = Path(run_dir)
     device = device or resolve_device(cfg.device)
     model, ckpt = load_model(run_dir / "model.pt", device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
@@ -179,7 +180,7 @@ def evaluate_checkpoint(path, split: str = "test", overrides: dict[str, Any] | N
     from hybridlib.data import load_tokenizer, prepare_data
     from hybridlib.errors import ConfigError
     from hybridlib.prediction import load_model
-    from hybridlib.runtime import resolve_device, resolve_precision
+    from hybridlib.runtime import apply_num_threads, resolve_device, resolve_precision
 
     if split not in ("train", "validation", "test"):
         raise ConfigError(f"--split must be train, validation or test, got {split!r}.")
@@ -191,6 +192,7 @@ def evaluate_checkpoint(path, split: str = "test", overrides: dict[str, Any] | N
         values["data_dir"] = None  # another dataset: don't read the training data's folder
     values.update(overrides, resume=False)
     cfg = config_from_dict(values)
+    apply_num_threads(overrides.get("num_threads"))  # not the training machine's setting stored in the checkpoint
     local_tok = path.parent / "tokenizer"
     tok = load_tokenizer(str(local_tok) if local_tok.is_dir() and "tokenizer" not in overrides else cfg.tokenizer)
     check_compatible(ckpt, vocab_size=len(tok))  # before tokenizing a whole dataset with the wrong tokenizer

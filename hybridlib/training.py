@@ -37,6 +37,7 @@ from hybridlib.evaluation import loss_and_accuracy, predict_logits
 from hybridlib.model import build_model, count_parameters
 from hybridlib.runtime import (
     all_reduce_sum,
+    apply_num_threads,
     autocast,
     dist_info,
     peak_rss_mb,
@@ -168,8 +169,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
     if dist.is_main:
         check_run_dir(run_dir, cfg.resume)
         run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    apply_num_threads(cfg.num_threads)
     set_seed(cfg.seed + dist.rank)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.enabled:

@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,6 +89,31 @@ def test_reference_run_is_a_real_run(reference):
     assert len(reference["result"].history) == EPOCHS
     assert all(math.isfinite(float(v)) for row in log_rows(reference["dir"]) for v in row.values())
     assert reference["metrics"]["test_accuracy"] > 0.5
+
+
+def test_num_threads_is_applied_to_evaluation_too(reference, tmp_path, monkeypatch):
+    """`-p num_threads N` sets torch's CPU threads for the evaluation notebook (evaluate_run), not only for
+    training; evaluate_checkpoint applies only a -p num_threads, not the training machine's stored value."""
+    import dataclasses
+
+    from hybridlib.evaluation import evaluate_checkpoint, evaluate_run
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference["dir"], run_dir)
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    evaluate_run(dataclasses.replace(reference["cfg"], num_threads=3, baseline=False), run_dir, reference["data"],
+                 progress=False)
+    assert calls[:1] == [3]
+    calls.clear()
+    evaluate_checkpoint(run_dir / "model.pt", overrides={"num_threads": 5}, progress=False)
+    assert calls[:1] == [5]
+    ckpt = load_checkpoint(run_dir / "model.pt")
+    ckpt["config"]["num_threads"] = 7  # as if trained with -p num_threads 7 on another machine
+    torch.save(ckpt, run_dir / "model.pt")
+    calls.clear()
+    evaluate_checkpoint(run_dir / "model.pt", progress=False)
+    assert 7 not in calls
 
 
 # ----------------------------------------------------------------------------- item 1: params
