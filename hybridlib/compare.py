@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from hybridlib.config import Config
 from hybridlib.errors import RunError
 from hybridlib.training import load_history
 
@@ -40,7 +41,9 @@ def experiment_key(params: dict, varying: list[str]) -> str:
 def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     """(table with one row per experiment, mean ± std over its seeds; the loaded runs)."""
     runs = [load_run(d) for d in run_dirs]
-    exp_params = [{k: v for k, v in r["params"].items() if k not in NOT_EXPERIMENT} for r in runs]
+    # a param added after a run was made counts as its default there
+    defaults = Config().to_dict()
+    exp_params = [{k: v for k, v in {**defaults, **r["params"]}.items() if k not in NOT_EXPERIMENT} for r in runs]
     keys = sorted({k for p in exp_params for k in p})
     varying = [k for k in keys if len({json.dumps(p.get(k)) for p in exp_params}) > 1]
     for r, p in zip(runs, exp_params):

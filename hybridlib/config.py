@@ -72,6 +72,9 @@ class Config:
     cnn_kernel_sizes: list[int] = _f([3, 4, 5], "Kernel widths of the CNN branch.", min=1)
     cnn_filters: int = _f(100, "Filters per kernel width.", min=1)
     mlp_hidden: int = _f(128, "Hidden size of the MLP classifier (0: a single linear layer).", min=0)
+    branch_norm: bool = _f(
+        False, "LayerNorm each branch's pooled features before concatenating them: the BiLSTM's lie in (-1, 1), "
+        "the CNN's ReLU maxima are unbounded, so without it one branch can drown out the other.")
     dropout: float = _f(0.5, "Dropout before (and inside) the MLP classifier.", min=0.0, max=1.0, exclusive_max=True)
     pretrained_embeddings: Optional[str] = _f(
         None,

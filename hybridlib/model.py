@@ -117,6 +117,8 @@ class HybridClassifier(nn.Module):
         )
         self.cnn = CNNBranch(cfg.embed_dim, cfg.cnn_kernel_sizes, cfg.cnn_filters) if "cnn" in cfg.branches else None
         feat_dim = (self.lstm.out_dim if self.lstm else 0) + (self.cnn.out_dim if self.cnn else 0)
+        self.lstm_norm = nn.LayerNorm(self.lstm.out_dim) if cfg.branch_norm and self.lstm else nn.Identity()
+        self.cnn_norm = nn.LayerNorm(self.cnn.out_dim) if cfg.branch_norm and self.cnn else nn.Identity()
         if cfg.mlp_hidden > 0:
             self.head = nn.Sequential(
                 nn.Dropout(cfg.dropout),
@@ -148,15 +150,15 @@ class HybridClassifier(nn.Module):
             def cnn() -> torch.Tensor:
                 torch.set_num_threads(1)  # this thread's own OpenMP setting, as the caller's
                 with torch.no_grad(), torch.inference_mode(inference):
-                    return self.cnn(x, mask, lengths)
+                    return self.cnn_norm(self.cnn(x, mask, lengths))
 
             cnn_out = _side().submit(cnn)
-            return torch.cat([self.lstm(x, mask, lengths), cnn_out.result()], dim=-1)
+            return torch.cat([self.lstm_norm(self.lstm(x, mask, lengths)), cnn_out.result()], dim=-1)
         parts = []
         if self.lstm is not None:
-            parts.append(self.lstm(x, mask, lengths))
+            parts.append(self.lstm_norm(self.lstm(x, mask, lengths)))
         if self.cnn is not None:
-            parts.append(self.cnn(x, mask, lengths))
+            parts.append(self.cnn_norm(self.cnn(x, mask, lengths)))
         return torch.cat(parts, dim=-1)
 
     @staticmethod

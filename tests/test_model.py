@@ -57,11 +57,11 @@ MODEL_VARIANTS = [
         [["cnn"], ["lstm"], ["cnn", "lstm"]], ["max", "mean", "both"], [1, 2]
     )
     if not (branches == ["cnn"] and (pooling != "max" or layers != 1))  # LSTM settings do not matter for cnn only
-]
+] + [dict(branches=["cnn", "lstm"], lstm_pooling="both", lstm_layers=2, branch_norm=True)]
 
 
 def variant_id(v):
-    return "+".join(v["branches"]) + f"-{v['lstm_pooling']}-L{v['lstm_layers']}"
+    return "+".join(v["branches"]) + f"-{v['lstm_pooling']}-L{v['lstm_layers']}" + ("-norm" if v.get("branch_norm") else "")
 
 
 @pytest.mark.parametrize("variant", MODEL_VARIANTS, ids=variant_id)
@@ -268,3 +268,18 @@ def test_cnn_beside_lstm_gives_the_same_features(inference_mode, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(beside, in_turn)
+
+
+def test_branch_norm_puts_each_branch_on_the_same_scale():
+    """branch_norm: each branch's pooled features are layer-normalised (mean 0, std 1 per text before the
+    affine part, which starts at identity); off, the model has no norm parameters (old checkpoints load)."""
+    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12)])
+    model = make_model(branches=["cnn", "lstm"], branch_norm=True)
+    feats = model.features(ids, mask)
+    lstm_dim = model.lstm.out_dim
+    for part in (feats[:, :lstm_dim], feats[:, lstm_dim:]):
+        assert torch.allclose(part.mean(dim=1), torch.zeros(3), atol=1e-5)
+        assert torch.allclose(part.std(dim=1, unbiased=False), torch.ones(3), atol=1e-3)
+    plain = make_model(branches=["cnn", "lstm"])
+    assert not any("norm" in k for k in plain.state_dict())
+    assert plain.features(ids, mask)[:, lstm_dim:].abs().max() > 1  # the CNN's ReLU maxima are not bounded
