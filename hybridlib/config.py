@@ -75,6 +75,11 @@ class Config:
     branch_norm: bool = _f(
         False, "LayerNorm each branch's pooled features before concatenating them: the BiLSTM's lie in (-1, 1), "
         "the CNN's ReLU maxima are unbounded, so without it one branch can drown out the other.")
+    branch_aux_loss: float = _f(
+        0.0, "Weight of per-branch auxiliary losses: each branch also gets its own linear classifier on its pooled "
+        "features, trained beside the joint head (loss = CE(joint) + w * mean CE(branch)), so the branch that "
+        "learns faster cannot leave the other undertrained. 0 = off; ignored with one branch. Prediction uses "
+        "the joint head only.", min=0.0)
     dropout: float = _f(0.5, "Dropout before (and inside) the MLP classifier.", min=0.0, max=1.0, exclusive_max=True)
     pretrained_embeddings: Optional[str] = _f(
         None,

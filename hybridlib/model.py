@@ -129,9 +129,20 @@ class HybridClassifier(nn.Module):
             )
         else:
             self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(feat_dim, num_classes))
+        # branch_aux_loss: one linear classifier per branch, used only by the training loss
+        branches = {"lstm": self.lstm, "cnn": self.cnn}
+        self.aux_heads = nn.ModuleDict(
+            {name: nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(b.out_dim, num_classes))
+             for name, b in branches.items() if b is not None}
+            if cfg.branch_aux_loss > 0 and self.lstm is not None and self.cnn is not None else {}
+        )
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The concatenated pooled branch features (before dropout and the MLP)."""
+        return torch.cat(list(self.branch_features(input_ids, attention_mask).values()), dim=-1)
+
+    def branch_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each branch's pooled features, {"lstm": (B, D1), "cnn": (B, D2)} (the branches in use, in concat order)."""
         if attention_mask is None:
             attention_mask = input_ids.ne(self.pad_id)
         mask = attention_mask.bool()
@@ -158,12 +169,12 @@ class HybridClassifier(nn.Module):
                     return cnn()
 
             cnn_beside = _side().submit(cnn_on_side_thread)
-        parts = []
+        parts = {}
         if self.lstm is not None:
-            parts.append(self.lstm_norm(self.lstm(x, mask, lengths)))
+            parts["lstm"] = self.lstm_norm(self.lstm(x, mask, lengths))
         if self.cnn is not None:
-            parts.append(cnn_beside.result() if cnn_beside is not None else cnn())
-        return torch.cat(parts, dim=-1)
+            parts["cnn"] = cnn_beside.result() if cnn_beside is not None else cnn()
+        return parts
 
     @staticmethod
     def _cnn_beside_lstm(x: torch.Tensor) -> bool:
@@ -177,8 +188,13 @@ class HybridClassifier(nn.Module):
             and not (torch.distributed.is_available() and torch.distributed.is_initialized())
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_aux: bool = False):
+        """Logits (B, C); with ``with_aux``, (logits, {branch: logits of its auxiliary head}) ({} without them)."""
+        parts = self.branch_features(input_ids, attention_mask)
+        logits = self.head(torch.cat(list(parts.values()), dim=-1))
+        if not with_aux:
+            return logits
+        return logits, {name: head(parts[name]) for name, head in self.aux_heads.items()}
 
 
 def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0) -> HybridClassifier:

@@ -140,19 +140,23 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
 def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, device, amp_dtype):
     """One optimisation step on ``batch``: the body of the training loop (``hybridlib.bench`` times this too).
 
-    ``net`` is ``model`` or its DDP wrapper. Returns (loss, logits, labels); when the loss is not finite
+    ``net`` is ``model`` or its DDP wrapper. Returns (joint-head loss, logits, labels); when the loss is not finite
     nothing is updated and the caller decides what to do.
     """
     ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["attention_mask"].to(device, non_blocking=True)
     y = batch["labels"].to(device, non_blocking=True)
     with autocast(device, amp_dtype):
-        logits = net(ids, mask)
+        logits, aux = net(ids, mask, with_aux=True)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-    if not torch.isfinite(loss):
-        return loss, logits, y
+    total = loss
+    if aux:  # branch_aux_loss: each branch's own classifier learns too
+        aux_loss = sum(F.cross_entropy(a.float(), y, label_smoothing=cfg.label_smoothing) for a in aux.values())
+        total = loss + cfg.branch_aux_loss * aux_loss / len(aux)
+    if not torch.isfinite(total):
+        return total, logits, y
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(total).backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

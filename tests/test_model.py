@@ -283,3 +283,43 @@ def test_branch_norm_puts_each_branch_on_the_same_scale():
     plain = make_model(branches=["cnn", "lstm"])
     assert not any("norm" in k for k in plain.state_dict())
     assert plain.features(ids, mask)[:, lstm_dim:].abs().max() > 1  # the CNN's ReLU maxima are not bounded
+
+
+def test_branch_aux_heads_classify_each_branch_alone():
+    """branch_aux_loss: one linear head per branch on that branch's pooled features; the joint logits are
+    the same with or without them; off (or with one branch) the model has no such heads (old checkpoints load)."""
+    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12)])
+    model = make_model(branches=["cnn", "lstm"], branch_aux_loss=0.5)
+    logits, aux = model(ids, mask, with_aux=True)
+    assert torch.equal(logits, model(ids, mask))
+    parts = model.branch_features(ids, mask)
+    assert set(aux) == {"lstm", "cnn"}
+    for name, a in aux.items():
+        assert a.shape == (3, CLASSES)
+        assert torch.equal(a, model.aux_heads[name](parts[name]))
+    for overrides in (dict(branches=["cnn", "lstm"]), dict(branches=["lstm"], branch_aux_loss=0.5)):
+        plain = make_model(**overrides)
+        assert plain(ids, mask, with_aux=True)[1] == {}
+        assert not any(k.startswith("aux_heads") for k in plain.state_dict())
+
+
+def test_branch_aux_loss_trains_the_branch_heads_and_logs_the_joint_loss():
+    import torch.nn.functional as F
+
+    from hybridlib.training import make_optimizer, train_step
+
+    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12, 5)])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+    cfg = tiny_config(branches=["cnn", "lstm"], branch_aux_loss=1.0, weight_decay=0.0, dropout=0.0, embed_dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB, CLASSES).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    joint = F.cross_entropy(model(ids, mask), batch["labels"])
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(enabled=False)
+    loss, _, _ = train_step(model, model, batch, opt, sched, scaler, cfg, torch.device("cpu"), None)
+    assert loss.item() == pytest.approx(joint.item(), rel=1e-6)  # the log shows the joint head's loss
+    after = model.state_dict()
+    for name in ("aux_heads.lstm.1.weight", "aux_heads.cnn.1.weight"):
+        assert not torch.equal(before[name], after[name])
