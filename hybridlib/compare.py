@@ -57,6 +57,7 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
             return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else f"{a.mean():.2f}"
 
         base = [r["baselines"]["tfidf_logreg"]["test_accuracy"] for r in group if "baselines" in r]
+        ens = [r["ensembles"]["model+tfidf_logreg"]["test_accuracy"] for r in group if "ensembles" in r]
         rows.append({
             "experiment": exp,
             "dataset": group[0]["dataset"],
@@ -65,6 +66,7 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
             "test_macro_f1_%": stat([r["test_macro_f1"] for r in group]),
             "best_val_accuracy_%": stat([r["best_val_accuracy"] for r in group]),
             "tfidf_logreg_test_%": stat(base) if base else "",
+            "model+tfidf_logreg_test_%": stat(ens) if ens else "",
             "train_seconds": stat([r["train_seconds"] for r in group], pct=False),
             "parameters": group[0]["num_parameters"],
         })

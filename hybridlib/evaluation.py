@@ -162,9 +162,14 @@ def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict
         "versions": library_versions(),
     }
     if cfg.baseline:
-        from hybridlib.baselines import tfidf_logreg
+        from hybridlib.baselines import ensemble, tfidf_logreg
 
-        metrics["baselines"] = {"tfidf_logreg": tfidf_logreg(data, seed=cfg.seed)}
+        summary, base_probs = tfidf_logreg(data, seed=cfg.seed)
+        metrics["baselines"] = {"tfidf_logreg": summary}
+        val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, device, amp, progress)
+        metrics["ensembles"] = {"model+tfidf_logreg": ensemble(
+            {"validation": val["probs"], "test": test["probs"]}, base_probs,
+            {"validation": val["labels"], "test": test["labels"]})}
     atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     report = report_text(test["labels"], test["preds"], data.label_names)
     atomic_write(run_dir / "classification_report.txt", lambda tmp: Path(tmp).write_text(report))
@@ -228,4 +233,7 @@ def baseline_table(metrics: dict[str, Any]):
     }]
     for name, b in metrics.get("baselines", {}).items():
         rows.append({"model": name, **{k: b[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1")}})
+    for name, e in metrics.get("ensembles", {}).items():
+        label = name.replace("model", rows[0]["model"]) + f" (probabilities, weight {e['weight_other']:.2f} on the second)"
+        rows.append({"model": label, **{k: e[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1")}})
     return pd.DataFrame(rows).set_index("model").round(4)

@@ -12,7 +12,8 @@ from hybridlib.config import Config
 from hybridlib.errors import RunError
 
 
-def fake_run(root: Path, name: str, acc: float, seed: int, drop: tuple[str, ...] = (), **params) -> Path:
+def fake_run(root: Path, name: str, acc: float, seed: int, drop: tuple[str, ...] = (), ens: float | None = None,
+             **params) -> Path:
     """A finished run folder as evaluate_run leaves it (metrics.json + training_log.csv)."""
     run = root / name
     run.mkdir()
@@ -22,6 +23,8 @@ def fake_run(root: Path, name: str, acc: float, seed: int, drop: tuple[str, ...]
     metrics = {"dataset": "toy", "test_accuracy": acc, "test_macro_f1": acc - 0.01, "best_val_accuracy": acc + 0.01,
                "train_seconds": 10.0 * seed, "num_parameters": 123, "params": p,
                "baselines": {"tfidf_logreg": {"test_accuracy": 0.8}}}
+    if ens is not None:
+        metrics["ensembles"] = {"model+tfidf_logreg": {"test_accuracy": ens}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "training_log.csv").write_text(
         "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,seconds\n1,0.5,0.7,0.4,0.75,0.001,5.0\n"
@@ -30,13 +33,16 @@ def fake_run(root: Path, name: str, acc: float, seed: int, drop: tuple[str, ...]
 
 
 def test_runs_that_differ_only_in_seed_form_one_experiment(tmp_path):
-    runs = [fake_run(tmp_path, f"cnn{s}", acc, s, branches=["cnn"]) for s, acc in ((1, 0.80), (2, 0.82), (3, 0.84))]
+    runs = [fake_run(tmp_path, f"cnn{s}", acc, s, branches=["cnn"], ens=acc + 0.05)
+            for s, acc in ((1, 0.80), (2, 0.82), (3, 0.84))]
     runs.append(fake_run(tmp_path, "hybrid", 0.9, 1, branches=["cnn", "lstm"]))
     table, _ = compare_runs(runs)
     assert list(table.index) == ["branches=cnn", "branches=cnn+lstm"]
     assert table.loc["branches=cnn", "seeds"] == 3
     assert table.loc["branches=cnn", "test_accuracy_%"] == "82.00 ± 2.00"  # sample std (ddof=1)
     assert table.loc["branches=cnn+lstm", "test_accuracy_%"] == "90.00"
+    assert table.loc["branches=cnn", "model+tfidf_logreg_test_%"] == "87.00 ± 2.00"
+    assert table.loc["branches=cnn+lstm", "model+tfidf_logreg_test_%"] == ""  # a run made before ensembles
 
 
 def test_a_param_missing_from_an_older_run_counts_as_its_default(tmp_path):

@@ -1,0 +1,49 @@
+"""hybridlib.baselines: the TF-IDF + LR baseline on the run's own split, and the probability ensemble."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hybridlib.baselines import ensemble, tfidf_logreg
+from hybridlib.data import prepare_data
+
+
+def test_tfidf_logreg_scores_the_same_splits_and_returns_their_probabilities(tiny_cfg, tiny_tokenizer):
+    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    summary, probs = tfidf_logreg(data, seed=0, c_grid=(1.0, 4.0))
+    assert summary["C"] in (1.0, 4.0)
+    for split in ("validation", "test"):
+        p, y = probs[split], np.asarray(data.splits[split]["label"])
+        assert p.shape == (len(y), len(data.label_names))
+        assert np.allclose(p.sum(1), 1.0)
+    y_test = np.asarray(data.splits["test"]["label"])
+    assert summary["test_accuracy"] == pytest.approx((probs["test"].argmax(1) == y_test).mean())
+    assert summary["val_accuracy"] > 0.5  # the tiny texts carry their label in their words
+
+
+def one_hot_noisy(labels: np.ndarray, correct: float, rng: np.random.Generator, classes: int = 3) -> np.ndarray:
+    """Probabilities that put 0.8 on the true class for a ``correct`` share of rows, else on a wrong class."""
+    guess = np.where(rng.random(len(labels)) < correct, labels, (labels + 1) % classes)
+    p = np.full((len(labels), classes), 0.2 / (classes - 1))
+    p[np.arange(len(labels)), guess] = 0.8
+    return p
+
+
+def test_ensemble_weight_is_chosen_on_validation_and_only_scored_on_test():
+    rng = np.random.default_rng(0)
+    labels = {s: rng.integers(0, 3, 2000) for s in ("validation", "test")}
+    weak = {s: one_hot_noisy(y, 0.6, rng) for s, y in labels.items()}
+    strong = {s: one_hot_noisy(y, 0.9, rng) for s, y in labels.items()}
+    res = ensemble(weak, strong, labels)
+    assert res["weight_other"] > 0.5  # leans on the better classifier
+    assert res["test_accuracy"] >= (strong["test"].argmax(1) == labels["test"]).mean() - 0.01
+    assert ensemble(strong, weak, labels)["weight_other"] < 0.5
+    # the test labels never choose the weight: scrambling them leaves it unchanged
+    scrambled = {**labels, "test": rng.permutation(labels["test"])}
+    assert ensemble(weak, strong, scrambled)["weight_other"] == res["weight_other"]
+    # two independent classifiers' errors partly cancel: the mix beats either
+    a = {s: one_hot_noisy(y, 0.8, rng) for s, y in labels.items()}
+    b = {s: one_hot_noisy(y, 0.8, rng) for s, y in labels.items()}
+    mixed = ensemble(a, b, labels)
+    assert 0.2 < mixed["weight_other"] < 0.8
