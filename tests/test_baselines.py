@@ -47,3 +47,21 @@ def test_ensemble_weight_is_chosen_on_validation_and_only_scored_on_test():
     b = {s: one_hot_noisy(y, 0.8, rng) for s, y in labels.items()}
     mixed = ensemble(a, b, labels)
     assert 0.2 < mixed["weight_other"] < 0.8
+
+
+def test_every_evaluated_run_reports_the_baseline_and_the_ensemble(tmp_path):
+    import json
+
+    from tiny_run import make_tiny_run
+
+    from hybridlib.evaluation import baseline_table
+
+    metrics = json.loads((make_tiny_run(tmp_path, epochs=1, baseline=True) / "metrics.json").read_text())
+    base = metrics["baselines"]["tfidf_logreg"]
+    ens = metrics["ensembles"]["model+tfidf_logreg"]
+    assert 0.0 <= ens["weight_other"] <= 1.0
+    assert 0.0 <= ens["test_accuracy"] <= 1.0 and 0.0 <= base["test_accuracy"] <= 1.0
+    table = baseline_table(metrics)
+    assert list(table.index[:2]) == ["cnn+lstm", "tfidf_logreg"]
+    assert table.index[2].startswith("cnn+lstm+tfidf_logreg (probabilities, weight")
+    assert table.loc["tfidf_logreg", "test_accuracy"] == pytest.approx(base["test_accuracy"], abs=1e-4)
