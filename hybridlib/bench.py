@@ -231,7 +231,7 @@ def bench_training(cfg: Config, data, device, amp_dtype, steps: int, warmup: int
         NAIVE: make_loader(subset, cfg, data.pad_id, train=True, epoch=1, bucket=False, pad_to=cfg.max_length),
     }
     set_seed(cfg.seed)
-    model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id).to(device)
+    model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id, data).to(device)
     naive_model = copy.deepcopy(model)  # same initial weights
     first = next(iter(loaders[PROJECT]))
     invariance = padding_invariance(model, first, data.pad_id, cfg.max_length, device)

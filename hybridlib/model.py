@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlib.config import Config
+from hybridlib.errors import ConfigError
 
 _side_thread: ThreadPoolExecutor | None = None  # runs the CNN branch beside the LSTM, see features()
 
@@ -197,9 +198,17 @@ class HybridClassifier(nn.Module):
         return logits, {name: head(parts[name]) for name, head in self.aux_heads.items()}
 
 
-def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0) -> HybridClassifier:
+def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0, data=None) -> HybridClassifier:
+    """The model of ``cfg``; ``data`` (a hybridlib.data.Data) is needed only by ``pretrained_embeddings: ppmi``."""
     model = HybridClassifier(cfg, vocab_size, num_classes, pad_id)
-    if cfg.pretrained_embeddings:
+    if cfg.pretrained_embeddings == "ppmi":
+        from hybridlib.embeddings import init_from_training_texts
+
+        if data is None:
+            raise ConfigError("pretrained_embeddings: ppmi is computed from the training split: pass data= to build_model.")
+        init_from_training_texts(model.embedding, data.splits["train"]["input_ids"],
+                                 skip=data.tokenizer.all_special_ids, seed=cfg.seed)
+    elif cfg.pretrained_embeddings:
         from hybridlib.embeddings import load_pretrained_embeddings
 
         load_pretrained_embeddings(model.embedding, cfg.pretrained_embeddings)

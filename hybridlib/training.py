@@ -186,7 +186,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
         data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
     set_seed(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id).to(device)
+    model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id, data).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else model
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(make_loader(train_ds, cfg, data.pad_id, train=True, rank=dist.rank, world_size=dist.world_size))
