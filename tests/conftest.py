@@ -40,11 +40,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-# ----------------------------------------------------------------------------- notebooks
-# A `pytest_configure` hook that runs the notebooks (papermill / nbmake) on the tiny data will be
-# added here later. It can build its inputs with fixtures.make_tiny_dataset,
-# fixtures.make_tiny_tokenizer and fixtures.write_tiny_params. Nothing is implemented yet.
-# -----------------------------------------------------------------------------
+# The notebooks (`pytest --nbmake notebooks`) get their tiny data from the root conftest.py.
 
 
 @pytest.fixture(scope="session")
