@@ -9,6 +9,7 @@ every epoch's batches, metrics are summed over ranks, and only rank 0 writes fil
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -186,7 +187,9 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
         data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
     set_seed(cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id, data).to(device)
+    # resuming: the weights come from last.pt, so skip computing/reading pretrained embeddings
+    model_cfg = dataclasses.replace(cfg, pretrained_embeddings=None) if cfg.resume else cfg
+    model = build_model(model_cfg, data.vocab_size, len(data.label_names), data.pad_id, data).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else model
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(make_loader(train_ds, cfg, data.pad_id, train=True, rank=dist.rank, world_size=dist.world_size))
