@@ -17,7 +17,7 @@ writes files from rank 0 only. This module starts that process group, two ways:
   Rank 0 creates the run folder (or reuses the one a run's own params.yaml names) and writes the
   artifacts; local rank 0 of each machine tokenizes first, so the others read the datasets cache.
 
-The backend is NCCL when training on CUDA, gloo on CPU. See docs/README_distributed.md.
+The backend is NCCL when training on CUDA, gloo on CPU. See docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -51,13 +51,16 @@ NOTEBOOKS = {
     ],
     "02_training.ipynb": [
         ("md", "# 02 · Training\n\nShared embedding → BiLSTM ∥ multi-kernel CNN → concat → MLP. AdamW with warm-up "
-               "and decay, gradient clipping, early stopping on validation accuracy. The best epoch is saved as "
+               "and decay, gradient clipping, early stopping on validation accuracy. With `pretrained_embeddings: ppmi` "
+               "(the IMDB and AG News defaults) the embedding starts from word vectors computed from this run's own "
+               "training split; with `branch_aux_loss` > 0 each branch also has its own small classifier in the loss, "
+               "so neither branch is left undertrained (see docs/accuracy.md). The best epoch is saved as "
                "`model.pt`, every epoch as `last.pt` (for `--resume`), and `training_log.csv` grows by one row per epoch.\n\n"
                "With `num_processes` > 1 (e.g. `hybridlib run ... -p num_processes 2`) `fit` trains with that many "
-               "processes on this machine (one per GPU, or CPU processes) via `torch.distributed`; see docs/README_distributed.md."),
+               "processes on this machine (one per GPU, or CPU processes) via `torch.distributed`; see docs/distributed.md."),
         ("code", SETUP),
         ("code", PARAMS_TRAIN, "parameters"),
-        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.distributed import fit\nfrom hybridlib.model import build_model\nfrom hybridlib.runs import start_run\n\ncfg = nb.config()\nrun_dir = start_run(cfg)\ndata = prepare_data(cfg)\nprint(f\"run folder: {run_dir}\")\nprint(build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id))"),
+        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.distributed import fit\nfrom hybridlib.model import HybridClassifier\nfrom hybridlib.runs import start_run\n\ncfg = nb.config()\nrun_dir = start_run(cfg)\ndata = prepare_data(cfg)\nprint(f\"run folder: {run_dir}\")\nprint(HybridClassifier(cfg, data.vocab_size, len(data.label_names), data.pad_id))  # the architecture (no weights yet)"),
         ("code", "result = fit(cfg, run_dir, data)  # num_processes > 1: DDP workers on this machine"),
         ("code", "import pandas as pd\n\nprint(f\"best validation accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}; \"\n      f\"{result.train_seconds:.0f} s of training, {result.num_parameters:,} parameters\")\npd.DataFrame(result.history).set_index(\"epoch\").round(4)"),
     ],
@@ -69,7 +72,9 @@ NOTEBOOKS = {
         ("code", "from hybridlib.data import prepare_data\nfrom hybridlib.evaluation import baseline_table, confident_mistakes, evaluate_run, metrics_table\n\ncfg, run_dir = nb.run_config()\ndata = prepare_data(cfg)\nout = evaluate_run(cfg, run_dir, data)\nmetrics_table(out[\"metrics\"])"),
         ("code", "print(out[\"report\"])"),
         ("md", "## Against the classic baseline\nTF-IDF (1-2-grams) + logistic regression, fitted on the same train split, "
-               "C chosen on the same validation split (`baseline: false` skips it). Is the deep model worth it?"),
+               "C chosen on the same validation split (`baseline: false` skips it). Is the deep model worth it?\n\n"
+               "The last row averages the two models' class probabilities, with the weight chosen on the validation "
+               "split (lowest log-loss); the test split only scores it. When the mix beats both, they make different mistakes."),
         ("code", "baseline_table(out[\"metrics\"])"),
         ("md", "## Most confident mistakes"),
         ("code", "confident_mistakes(data.splits[\"test\"][\"text\"], out[\"test\"], data.label_names, k=10)"),
