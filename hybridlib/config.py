@@ -124,6 +124,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# pretrained_embeddings values that name a source, not a file (see hybridlib.embeddings)
+NAMED_EMBEDDINGS = ("minilm", "ppmi")
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 

@@ -22,7 +22,6 @@ import torch
 from hybridlib.errors import ConfigError
 
 MINILM_KEY = "embeddings.word_embeddings.weight"
-NAMED_SOURCES = ("minilm", "ppmi")
 
 
 def minilm_vectors() -> torch.Tensor:

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybridlib.config import Config, load_config
-from hybridlib.embeddings import NAMED_SOURCES
+from hybridlib.config import NAMED_EMBEDDINGS, Config, load_config
 from hybridlib.errors import RunError
 
 PATH_FIELDS = ("data_dir", "pretrained_embeddings", "run_dir")
@@ -73,7 +72,7 @@ def resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative path parameters absolute against ``base`` (tokenizer only if such a folder exists)."""
     out = dict(values)
     for key in PATH_FIELDS:
-        if key == "pretrained_embeddings" and out.get(key) in NAMED_SOURCES:
+        if key == "pretrained_embeddings" and out.get(key) in NAMED_EMBEDDINGS:
             continue  # a named source, not a path
         if out.get(key) and not Path(out[key]).expanduser().is_absolute():
             out[key] = str((base / out[key]).resolve())
