@@ -79,9 +79,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     texts = _read_texts(a)  # before loading the model: a missing text fails fast
     if Path(a.checkpoint).is_dir():  # a run folder works too
-        predictor = Predictor.from_run(a.checkpoint, device=a.device)
+        predictor = Predictor.from_run(a.checkpoint, device=a.device, ensemble=a.ensemble)
     else:
         predictor = Predictor.from_checkpoint(a.checkpoint, device=a.device)
+        if a.ensemble:
+            predictor.use_ensemble(Path(a.checkpoint).parent)
     results = predictor.predict(texts)
     if a.json:
         for t, r in zip(texts, results, strict=True):
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="A file with one text per line.")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto.")
     p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
+    p.add_argument("--ensemble", action="store_true",
+                   help="Average with the run's TF-IDF + LR baseline, as its metrics.json 'ensembles' measured.")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("visualize", help="Write a run's plots and print its metrics.")

@@ -162,9 +162,10 @@ def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict
         "versions": library_versions(),
     }
     if cfg.baseline:
-        from hybridlib.baselines import ensemble, tfidf_logreg
+        from hybridlib.baselines import TFIDF_FILE, ensemble, save_tfidf_logreg, tfidf_logreg
 
-        summary, base_probs = tfidf_logreg(data, seed=cfg.seed)
+        summary, base_probs, pipe = tfidf_logreg(data, seed=cfg.seed)
+        save_tfidf_logreg(pipe, run_dir / TFIDF_FILE)  # Predictor.from_run(run, ensemble=True) serves the mix
         metrics["baselines"] = {"tfidf_logreg": summary}
         val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, device, amp, progress)
         metrics["ensembles"] = {"model+tfidf_logreg": ensemble(

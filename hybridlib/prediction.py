@@ -2,7 +2,9 @@
 
 ``Predictor.from_run("outputs/R").predict(["a text", ...])`` → per text: the label name, its class
 index and the probability of every class. ``Predictor.explain(text)`` also says which tokens pushed
-the decision (see :mod:`hybridlib.explain`).
+the decision (see :mod:`hybridlib.explain`). ``Predictor.from_run(R, ensemble=True)`` serves the run's
+model + TF-IDF ensemble instead (the row of metrics.json "ensembles", same weight); explain() always
+explains the neural model alone.
 
 Empty or whitespace-only texts are not an error: they are encoded as the tokenizer's special tokens
 only ([CLS] [SEP] for BERT), so the model answers for "no evidence" (in practice: the class it leans
@@ -62,6 +64,7 @@ class Predictor:
         self._n_special = len(prefix) + len(suffix)
         # texts longer than this many characters are cut to the parts the model reads (see _shorten)
         self._clip_chars = max(10_000, 40 * self.cfg.max_length)
+        self.tfidf, self.tfidf_weight = None, 0.0  # set by use_ensemble()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", tokenizer: str | None = None,
@@ -83,12 +86,41 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu", batch_size: int = 64,
-                 num_threads: int | None = None) -> Predictor:
-        """Load a finished run folder (its ``model.pt`` and ``tokenizer/``); arguments as from_checkpoint."""
+                 num_threads: int | None = None, ensemble: bool = False) -> Predictor:
+        """Load a finished run folder (its ``model.pt`` and ``tokenizer/``); arguments as from_checkpoint.
+
+        ``ensemble``: predict with the model + TF-IDF ensemble the run's evaluation measured (see use_ensemble).
+        """
         run_dir = Path(run_dir)
         if not (run_dir / "model.pt").is_file():
             raise CheckpointError(f"{run_dir} holds no model.pt: it is not a finished run (train it first).")
-        return cls.from_checkpoint(run_dir / "model.pt", device, batch_size=batch_size, num_threads=num_threads)
+        predictor = cls.from_checkpoint(run_dir / "model.pt", device, batch_size=batch_size, num_threads=num_threads)
+        if ensemble:
+            predictor.use_ensemble(run_dir)
+        return predictor
+
+    def use_ensemble(self, run_dir: str | Path) -> None:
+        """Mix in the run's TF-IDF + LR baseline: ``(1 - w) * model + w * tfidf`` with the weight ``w`` its
+        evaluation chose on validation (metrics.json "ensembles"), so predictions match the reported figure."""
+        import json
+
+        from hybridlib.baselines import TFIDF_FILE, load_tfidf_logreg
+
+        run_dir = Path(run_dir)
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            weight = float(metrics["ensembles"]["model+tfidf_logreg"]["weight_other"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(
+                f"{run_dir} has no model+TF-IDF ensemble in metrics.json: the run was not evaluated yet "
+                f"(03_evaluation), or with baseline: false. Predict without the ensemble."
+            ) from None
+        pipe = load_tfidf_logreg(run_dir / TFIDF_FILE)
+        classes = pipe.named_steps["logreg"].classes_
+        if len(classes) and (classes.min() < 0 or classes.max() >= len(self.label_names)):
+            raise CheckpointError(f"{run_dir / TFIDF_FILE} has classes {classes.tolist()}, the model "
+                                  f"{len(self.label_names)} labels: they are not from the same run.")
+        self.tfidf, self.tfidf_weight = pipe, weight
 
     @contextlib.contextmanager
     def threads(self, n_texts: int):
@@ -163,6 +195,11 @@ class Predictor:
                 batch, mask = self.batch_tensors([ids[i] for i in idx])
                 logits = self.model(batch, mask)
                 probs[idx] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        if self.tfidf is not None:
+            from hybridlib.baselines import mix_probs, tfidf_proba
+
+            other = tfidf_proba(self.tfidf, list(texts), len(self.label_names))
+            probs = mix_probs(probs, other, self.tfidf_weight).astype(np.float32)
         return probs
 
     def _result(self, p: np.ndarray) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from hybridlib.data import prepare_data
 
 def test_tfidf_logreg_scores_the_same_splits_and_returns_their_probabilities(tiny_cfg, tiny_tokenizer):
     data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
-    summary, probs = tfidf_logreg(data, seed=0, c_grid=(1.0, 4.0))
+    summary, probs, _ = tfidf_logreg(data, seed=0, c_grid=(1.0, 4.0))
     assert summary["C"] in (1.0, 4.0)
     for split in ("validation", "test"):
         p, y = probs[split], np.asarray(data.splits[split]["label"])
@@ -65,3 +65,31 @@ def test_every_evaluated_run_reports_the_baseline_and_the_ensemble(tmp_path):
     assert list(table.index[:2]) == ["cnn+lstm", "tfidf_logreg"]
     assert table.index[2].startswith("cnn+lstm+tfidf_logreg (probabilities, weight")
     assert table.loc["tfidf_logreg", "test_accuracy"] == pytest.approx(base["test_accuracy"], abs=1e-4)
+
+
+def test_saved_baseline_round_trips_without_pickle(tiny_cfg, tiny_tokenizer, tmp_path):
+    from hybridlib.baselines import load_tfidf_logreg, save_tfidf_logreg, tfidf_proba
+
+    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    _, probs, pipe = tfidf_logreg(data, seed=0, c_grid=(4.0,))
+    save_tfidf_logreg(pipe, tmp_path / "b.npz")
+    loaded = load_tfidf_logreg(tmp_path / "b.npz")
+    texts = list(data.splits["test"]["text"]) + ["unseen words only", "", "Ünïcödé café, the team scored"]
+    k = len(data.label_names)
+    assert np.array_equal(tfidf_proba(loaded, texts, k), tfidf_proba(pipe, texts, k))
+    assert np.allclose(tfidf_proba(loaded, list(data.splits["test"]["text"]), k), probs["test"])
+
+
+def test_loading_a_bad_baseline_file_is_a_clear_error(tmp_path):
+    from hybridlib.baselines import load_tfidf_logreg
+    from hybridlib.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not exist.*baseline: false"):
+        load_tfidf_logreg(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match="not a TF-IDF baseline saved by hybridlib"):
+        load_tfidf_logreg(tmp_path / "junk.npz")
+    # an object array would need pickle to load: refused, never unpickled
+    np.savez(tmp_path / "pickled.npz", terms=np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CheckpointError, match="not a TF-IDF baseline"):
+        load_tfidf_logreg(tmp_path / "pickled.npz")

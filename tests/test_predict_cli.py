@@ -67,3 +67,14 @@ def test_errors_are_one_line_and_exit_2(checkpoint, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = predict("--checkpoint", checkpoint, "--file", tmp_path / "nope.txt")
     assert r.returncode == 2 and "Cannot read --file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ensemble_flag(checkpoint):
+    text = "The team scored a goal in the match."
+    plain = predict("--checkpoint", checkpoint.parent, "--json", "--text", text)
+    mixed = predict("--checkpoint", checkpoint, "--json", "--ensemble", "--text", text)
+    assert plain.returncode == 0 and mixed.returncode == 0, plain.stderr + mixed.stderr
+    p, m = json.loads(plain.stdout)["probabilities"], json.loads(mixed.stdout)["probabilities"]
+    assert sum(m.values()) == pytest.approx(1.0, abs=1e-5)
+    weight = json.loads((checkpoint.parent / "metrics.json").read_text())["ensembles"]["model+tfidf_logreg"]["weight_other"]
+    assert (p != m) == (weight > 0)
