@@ -100,6 +100,9 @@ class Config:
     warmup_ratio: float = _f(0.05, "Fraction of all steps used for linear warm-up.", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0, exclusive_max=True)
+    ema_decay: float = _f(
+        0.0, "Keep an exponential moving average of the weights with this decay per step (e.g. 0.99) and validate "
+        "and save the average instead of the raw weights (0: off).", min=0.0, max=1.0, exclusive_max=True)
     patience: int = _f(2, "Stop after this many epochs without a better validation accuracy (0: never).", min=0)
     seed: int = _f(42, "Seed for the split, shuffling and initialisation.", min=0)
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from hybridlib.checkpoint import (
@@ -198,6 +199,9 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
         optimizer, lr_lambda(cfg.lr_schedule, total_steps, int(cfg.warmup_ratio * total_steps))
     )
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    # ema_decay: validate and save a moving average of the weights; the optimizer keeps updating `model`
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+    eval_model = ema.module if ema else model
 
     history: list[dict[str, float]] = []
     best_acc, best_epoch, bad_epochs, start_epoch = -1.0, 0, 0, 1
@@ -210,6 +214,11 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
         bad_epochs, start_epoch = state["bad_epochs"], state["epoch"] + 1
         rng = state["rng"]  # a list (one per rank) when saved by N processes; resumable with any N
         set_rng_state(rng[dist.rank % len(rng)] if isinstance(rng, list) else rng)
+        if ema is not None:
+            if "ema" not in state:
+                raise RunError(f"Cannot resume with ema_decay {cfg.ema_decay}: {run_dir / 'last.pt'} was saved without ema_decay. "
+                               f"Resume with the run's own params (ema_decay 0).")
+            ema.load_state_dict(state["ema"])
         if state.get("scaler"):  # fp16 loss scale (absent in older last.pt files)
             scaler.load_state_dict(state["scaler"])
         if dist.is_main:
@@ -231,6 +240,8 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
             loss, logits, y = train_step(net, model, batch, optimizer, scheduler, scaler, cfg, device, amp_dtype)
             if not torch.isfinite(loss):
                 raise RunError(diverged_message(f"the loss became {loss.item()}", epoch, step, run_dir, best_epoch, cfg))
+            if ema is not None:
+                ema.update_parameters(model)
             n = y.numel()
             sums[0] += loss.item() * n
             sums[1] += (logits.argmax(1) == y).sum().item()
@@ -239,7 +250,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
                 bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
 
         loss_sum, correct, n = all_reduce_sum(sums, device)
-        val_loss, val_acc = validate(model, val_ds, cfg, data.pad_id, device, amp_dtype)
+        val_loss, val_acc = validate(eval_model, val_ds, cfg, data.pad_id, device, amp_dtype)
         if not math.isfinite(val_loss):  # never let non-finite weights become model.pt / last.pt
             raise RunError(diverged_message(f"the validation loss became {val_loss}", epoch, "end", run_dir, best_epoch, cfg))
         row = {
@@ -261,7 +272,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
         rng = gather_rng_states()
         if dist.is_main:
             if improved:
-                save_checkpoint(model_checkpoint(model, cfg, data, epoch, best_acc), run_dir / "model.pt")
+                save_checkpoint(model_checkpoint(eval_model, cfg, data, epoch, best_acc), run_dir / "model.pt")
             last = model_checkpoint(model, cfg, data, epoch, best_acc)
             last.update(
                 optimizer=optimizer.state_dict(),
@@ -272,6 +283,8 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
                 bad_epochs=bad_epochs,
                 scaler=scaler.state_dict(),
             )
+            if ema is not None:
+                last["ema"] = ema.state_dict()
             save_checkpoint(last, run_dir / "last.pt")
             write_log(history, run_dir / "training_log.csv")
             if progress:

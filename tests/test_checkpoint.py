@@ -246,3 +246,53 @@ def test_resume_without_last_pt(tmp_path, tiny_cfg):
     tiny_cfg.resume = True
     with pytest.raises(RunError, match="last.pt"):
         train(tiny_cfg, tmp_path / "new-run", progress=False)
+
+
+def test_ema_saves_and_validates_the_average_and_resumes_exactly(tmp_path, tiny_cfg):
+    """ema_decay: model.pt holds the moving average (the weights whose validation accuracy was logged),
+    last.pt the raw weights plus the average; a resumed run ends exactly like an uninterrupted one."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_cfg, epochs=3, ema_decay=0.9, patience=0)
+    data = prepare_data(cfg)
+    full = train(cfg, tmp_path / "full", data, progress=False)
+    best, last = load_checkpoint(tmp_path / "full" / "model.pt"), load_checkpoint(tmp_path / "full" / "last.pt")
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert ema.keys() == last["model"].keys()
+    assert any(not torch.equal(ema[k], last["model"][k]) for k in ema)  # the average is not the raw weights
+    model = rebuild(best)
+    _, val_acc = validate(model, data.splits["validation"], cfg, data.pad_id, torch.device("cpu"), None)
+    assert val_acc == pytest.approx(full.history[best["epoch"] - 1]["val_accuracy"])
+    if best["epoch"] == 3:
+        assert all(torch.equal(best["model"][k], ema[k]) for k in ema)
+
+    # stop after epoch 2 (the same 3-epoch schedule), then resume: the same weights and log
+    import hybridlib.training as T
+
+    part = tmp_path / "part"
+    real_validate, calls = T.validate, []
+
+    def validate_then_stop(*args, **kwargs):
+        out = real_validate(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after epoch 2's checkpoints, before epoch 3 is saved
+        return out
+
+    T.validate = validate_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, part, data, progress=False)
+    finally:
+        T.validate = real_validate
+    assert load_checkpoint(part / "last.pt")["epoch"] == 2
+    resumed = train(dataclasses.replace(cfg, resume=True), part, data, progress=False)
+    assert [r["val_accuracy"] for r in resumed.history] == [r["val_accuracy"] for r in full.history]
+    for name in ("model.pt", "last.pt"):
+        a, b = load_checkpoint(part / name), load_checkpoint(tmp_path / "full" / name)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    with pytest.raises(RunError, match="saved without ema_decay"):
+        no_ema = tmp_path / "no-ema"
+        train(dataclasses.replace(cfg, ema_decay=0.0, epochs=1), no_ema, data, progress=False)
+        train(dataclasses.replace(cfg, epochs=1, resume=True), no_ema, data, progress=False)
