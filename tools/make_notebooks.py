@@ -92,6 +92,10 @@ NOTEBOOKS = {
         ("code", SETUP),
         ("code", PARAMS_RUN, "parameters"),
         ("code", "from hybridlib.prediction import Predictor\nfrom hybridlib.widgets import examples_for, make_predict_widget\n\ncfg, run_dir = nb.run_config()\npredictor = Predictor.from_run(run_dir)\npredictor.table(examples_for(cfg.dataset))"),
+        ("md", "The same texts through the run's model + TF-IDF ensemble, the mix its evaluation measured "
+               "(`metrics.json` → `ensembles`; `Predictor.from_run(run, ensemble=True)`, `hybridlib predict --ensemble`):"),
+        ("code", "if (run_dir / \"tfidf_logreg.npz\").is_file():  # absent when evaluated with baseline: false\n"
+                 "    display(Predictor.from_run(run_dir, ensemble=True).table(examples_for(cfg.dataset)))"),
         ("md", "## Try it\nPick a run, type or paste a text (or click an example) and press **Predict**: the label, "
                "the probability of every class, and the words that pushed the decision (green: towards the "
                "predicted class, red: away from it; gradient × input)."),
