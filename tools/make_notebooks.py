@@ -40,7 +40,7 @@ NOTEBOOKS = {
                "cached: the training notebook reuses it."),
         ("code", SETUP),
         ("code", PARAMS_TRAIN, "parameters"),
-        ("code", "from hybridlib.data import prepare_data\nfrom hybridlib import exploration\n\ncfg = nb.config()\ndata = prepare_data(cfg)\ndata.splits"),
+        ("code", "from hybridlib import exploration\nfrom hybridlib.data import prepare_data\n\ncfg = nb.config()\ndata = prepare_data(cfg)\ndata.splits"),
         ("md", "## Class balance\nThe validation split is stratified from train, so its shares match train's."),
         ("code", "exploration.class_balance(data)"),
         ("md", "## Example texts"),
@@ -84,7 +84,7 @@ NOTEBOOKS = {
                "test confusion matrix. Writes `loss_acc_curves.png` and `confusion_matrix.png`."),
         ("code", SETUP),
         ("code", PARAMS_RUN, "parameters"),
-        ("code", "from IPython.display import Image, display\nfrom hybridlib.plots import save_run_plots\n\ncfg, run_dir = nb.run_config()\npaths, metrics = save_run_plots(run_dir)\nfor p in paths:\n    display(Image(filename=str(p)))"),
+        ("code", "from IPython.display import Image, display\n\nfrom hybridlib.plots import save_run_plots\n\ncfg, run_dir = nb.run_config()\npaths, metrics = save_run_plots(run_dir)\nfor p in paths:\n    display(Image(filename=str(p)))"),
     ],
     "05_prediction.ipynb": [
         ("md", "# 05 · Prediction\n\nClassify your own texts with a trained run (`hybridlib.Predictor`; the same "
