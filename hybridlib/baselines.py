@@ -109,7 +109,7 @@ def load_tfidf_logreg(path: str | Path) -> Pipeline:
             f"{path} does not exist: the run was evaluated without the TF-IDF baseline (baseline: false) "
             f"or by an older hybridlib that did not save it. Predict without the ensemble, or train a new run."
         ) from None
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, KeyError) as e:  # ValueError covers bad UTF-8 and JSON
         raise CheckpointError(f"{path} is not a TF-IDF baseline saved by hybridlib ({type(e).__name__}: {e}).") from None
     if not (len(terms) == len(idf) == coef.shape[1]):
         raise CheckpointError(f"{path} is inconsistent: {len(terms)} terms, {len(idf)} idf values, {coef.shape[1]} coefficients.")

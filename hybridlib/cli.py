@@ -78,12 +78,13 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from hybridlib.prediction import Predictor
 
     texts = _read_texts(a)  # before loading the model: a missing text fails fast
-    if Path(a.checkpoint).is_dir():  # a run folder works too
-        predictor = Predictor.from_run(a.checkpoint, device=a.device, ensemble=a.ensemble)
+    is_run = Path(a.checkpoint).is_dir()  # a run folder works too
+    if is_run:
+        predictor = Predictor.from_run(a.checkpoint, device=a.device)
     else:
         predictor = Predictor.from_checkpoint(a.checkpoint, device=a.device)
-        if a.ensemble:
-            predictor.use_ensemble(Path(a.checkpoint).parent)
+    if a.ensemble:
+        predictor.use_ensemble(a.checkpoint if is_run else Path(a.checkpoint).parent)
     results = predictor.predict(texts)
     if a.json:
         for t, r in zip(texts, results, strict=True):
