@@ -99,32 +99,37 @@ def make_tiny_dataset(
 
 
 def make_tiny_tokenizer(folder: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 400) -> Path:
-    """Train a small lowercase WordPiece vocabulary on ``texts``; write vocab.txt + tokenizer_config.json.
+    """Build a small lowercase WordPiece vocabulary from ``texts``; write vocab.txt + tokenizer_config.json.
 
-    ``transformers.AutoTokenizer.from_pretrained(folder)`` then loads a fast BERT tokenizer
-    ([PAD]=0, [UNK], [CLS], [SEP], [MASK]). Returns the folder.
+    Deterministic (the same texts always give the same ids): the specials ([PAD]=0, [UNK], [CLS],
+    [SEP], [MASK]), every character alone and as a ``##`` continuation, the words by frequency, then
+    the most frequent word endings as ``##`` pieces, up to ``vocab_size``. (``tokenizers``' WordPiece
+    trainer breaks frequency ties differently on every call, so tiny models trained on its ids vary.)
+    ``transformers.AutoTokenizer.from_pretrained(folder)`` then loads a fast BERT tokenizer. Returns the folder.
     """
-    from tokenizers import BertWordPieceTokenizer
+    from collections import Counter
+
+    from tokenizers.pre_tokenizers import BertPreTokenizer
 
     if texts is None:
         texts = make_texts(600, seed=12345)[0]
-    texts = list(texts)
+    pre = BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(t.lower()))
+    chars = sorted({c for w in words for c in w})
+    endings = Counter()
+    for w, n in words.items():
+        for i in range(1, len(w) - 1):
+            endings["##" + w[i:]] += n
+    ranked = lambda c: [k for k, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))]  # noqa: E731
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    for tok in ranked(words) + ranked(endings):
+        if len(vocab) >= vocab_size:
+            break
+        if tok not in vocab:
+            vocab.append(tok)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = BertWordPieceTokenizer(lowercase=True, clean_text=True, handle_chinese_chars=True, strip_accents=None)
-    tok.train_from_iterator(
-        texts,
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        limit_alphabet=100,
-        wordpieces_prefix="##",
-        show_progress=False,
-    )
-    vocab = tok.get_vocab()
-    ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    assert ordered[0] == "[PAD]", ordered[:5]
-    (folder / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}, indent=2),
         encoding="utf-8",
