@@ -233,6 +233,9 @@ def bench_training(cfg: Config, data, device, amp_dtype, steps: int, warmup: int
     set_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id, data).to(device)
     naive_model = copy.deepcopy(model)  # same initial weights
+    for m in naive_model.modules():  # a deep copy breaks cuDNN's single weight block: re-flatten it
+        if isinstance(m, torch.nn.RNNBase):
+            m.flatten_parameters()
     first = next(iter(loaders[PROJECT]))
     invariance = padding_invariance(model, first, data.pad_id, cfg.max_length, device)
     paths = {
