@@ -120,7 +120,10 @@ def make_tiny_tokenizer(folder: str | Path, texts: Iterable[str] | None = None, 
     for w, n in words.items():
         for i in range(1, len(w) - 1):
             endings["##" + w[i:]] += n
-    ranked = lambda c: [k for k, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))]  # noqa: E731
+
+    def ranked(counts: Counter) -> list[str]:  # most frequent first, ties alphabetical
+        return [k for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
     for tok in ranked(words) + ranked(endings):
         if len(vocab) >= vocab_size:

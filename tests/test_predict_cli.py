@@ -9,6 +9,8 @@ import sys
 import pytest
 from tiny_run import tiny_run
 
+from hybridlib import Predictor
+
 LABELS = ["sports", "business", "science"]
 
 
@@ -81,7 +83,5 @@ def test_ensemble_flag(checkpoint):
         assert p != m
     else:  # validation chose the model alone: the same numbers, up to float rounding
         assert m == pytest.approx(p, abs=1e-6)
-    from hybridlib import Predictor
-
     served = Predictor.from_run(checkpoint.parent, ensemble=True).predict(text)[0]["probabilities"]
     assert m == pytest.approx(served, abs=1e-6)  # the CLI serves exactly the library's ensemble

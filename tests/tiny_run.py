@@ -1,8 +1,9 @@
 """A tiny trained run (model.pt, tokenizer/, params.yaml, metrics.json) for the prediction tests.
 
-Trained once per test session (a few seconds; 5 epochs: about 96 % on its test split, so the
-tests that read its predictions and explanations see a model that has learnt the task) and shared by test_prediction, test_predict_cli,
-test_widgets and test_browser: call ``tiny_run(tmp_path_factory)``; treat the folder as read-only.
+Trained once per test session (a few seconds; 5 epochs reach about 96 % on its test split, so the
+tests that read its predictions and explanations see a model that has learnt the task) and shared
+by test_prediction, test_predict_cli, test_widgets and test_browser: call
+``tiny_run(tmp_path_factory)``; treat the folder as read-only.
 """
 
 from __future__ import annotations
