@@ -89,6 +89,12 @@ class Config:
     )
 
     freeze_embeddings: bool = _f(False, "Keep the (pretrained) embedding fixed during training.")
+    unseen_embeddings: Literal["random", "zero"] = _f(
+        "random",
+        "Embedding rows of tokens that never occur in the training split, so never get a gradient: 'random' "
+        "keeps their initialisation (noise wherever such a token appears at prediction), 'zero' makes them "
+        "add nothing, as word dropout does in training.",
+    )
 
     # --- training ---
     epochs: int = _f(5, "Maximum number of epochs.", min=1)

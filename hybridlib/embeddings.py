@@ -127,6 +127,19 @@ def init_from_training_texts(embedding: torch.nn.Embedding, token_ids: Sequence[
     return int(seen.sum())
 
 
+def zero_unseen_rows(embedding: torch.nn.Embedding, token_ids: Sequence[Sequence[int]]) -> int:
+    """Zero the rows of tokens that never occur in ``token_ids`` (the training split); return how many.
+
+    Nothing trains those rows (a token absent from every batch gets no gradient, and AdamW leaves a zero
+    row at zero), so at prediction they would feed their random initialisation to the branches."""
+    seen = np.zeros(embedding.num_embeddings, dtype=bool)
+    for ids in token_ids:
+        seen[np.asarray(ids, dtype=np.int64)] = True
+    with torch.no_grad():
+        embedding.weight[torch.from_numpy(~seen)] = 0.0
+    return int((~seen).sum())
+
+
 def load_pretrained_embeddings(embedding: torch.nn.Embedding, source: str) -> None:
     vectors = read_vectors(source)
     if vectors.shape[0] != embedding.num_embeddings:

@@ -12,6 +12,7 @@ the same for the LSTM but measured about 2x slower on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -199,7 +200,8 @@ class HybridClassifier(nn.Module):
 
 
 def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0, data=None) -> HybridClassifier:
-    """The model of ``cfg``; ``data`` (a hybridlib.data.Data) is needed only by ``pretrained_embeddings: ppmi``."""
+    """The model of ``cfg``; ``data`` (a hybridlib.data.Data) is needed only by ``pretrained_embeddings: ppmi``
+    and ``unseen_embeddings: zero``, which read the training split."""
     model = HybridClassifier(cfg, vocab_size, num_classes, pad_id)
     if cfg.pretrained_embeddings == "ppmi":
         from hybridlib.embeddings import init_from_training_texts
@@ -212,8 +214,19 @@ def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0,
         from hybridlib.embeddings import load_pretrained_embeddings
 
         load_pretrained_embeddings(model.embedding, cfg.pretrained_embeddings)
+    if cfg.unseen_embeddings == "zero":
+        from hybridlib.embeddings import zero_unseen_rows
+
+        if data is None:
+            raise ConfigError("unseen_embeddings: zero needs the training split to know which tokens it has: pass data= to build_model.")
+        zero_unseen_rows(model.embedding, data.splits["train"]["input_ids"])
     model.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
     return model
+
+
+def for_loading(cfg: Config) -> Config:
+    """``cfg`` without the initialisations that read data or files: the weights will come from a checkpoint."""
+    return dataclasses.replace(cfg, pretrained_embeddings=None, unseen_embeddings="random")
 
 
 def count_parameters(model: nn.Module) -> int:

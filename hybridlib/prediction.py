@@ -27,15 +27,14 @@ from hybridlib.checkpoint import check_compatible, load_checkpoint
 from hybridlib.config import config_from_dict
 from hybridlib.data import encode_texts, load_tokenizer, special_tokens
 from hybridlib.errors import CheckpointError, DataError
-from hybridlib.model import build_model
+from hybridlib.model import build_model, for_loading
 from hybridlib.runtime import resolve_device
 
 _SPACE = re.compile(r"\s")
 
 
 def _model_from(ckpt: dict[str, Any], device: torch.device | str):
-    cfg = config_from_dict(ckpt["config"])
-    cfg.pretrained_embeddings = None  # the trained weights are in the checkpoint
+    cfg = for_loading(config_from_dict(ckpt["config"]))
     model = build_model(cfg, ckpt["tokenizer"]["vocab_size"], len(ckpt["label_names"]), ckpt["tokenizer"]["pad_id"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

@@ -9,7 +9,6 @@ every epoch's batches, metrics are summed over ranks, and only rank 0 writes fil
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import time
@@ -36,7 +35,7 @@ from hybridlib.config import Config
 from hybridlib.data import Data, make_loader, prepare_data
 from hybridlib.errors import RunError
 from hybridlib.evaluation import loss_and_accuracy, predict_logits
-from hybridlib.model import build_model, count_parameters
+from hybridlib.model import build_model, count_parameters, for_loading
 from hybridlib.runtime import (
     all_reduce_sum,
     apply_num_threads,
@@ -189,7 +188,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
 
     set_seed(cfg.seed)  # same initial weights on every rank
     # resuming: the weights come from last.pt, so skip computing/reading pretrained embeddings
-    model_cfg = dataclasses.replace(cfg, pretrained_embeddings=None) if cfg.resume else cfg
+    model_cfg = for_loading(cfg) if cfg.resume else cfg
     model = build_model(model_cfg, data.vocab_size, len(data.label_names), data.pad_id, data).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else model
     optimizer = make_optimizer(model, cfg)

@@ -13,7 +13,7 @@ from hybridlib.checkpoint import check_compatible, load_checkpoint, save_checkpo
 from hybridlib.config import Config, config_from_dict
 from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, RunError
-from hybridlib.model import build_model
+from hybridlib.model import build_model, for_loading
 from hybridlib.training import LOG_COLUMNS, train, validate
 
 CKPT_KEYS = {"model", "config", "label_names", "tokenizer", "epoch", "best_metric"}
@@ -32,7 +32,7 @@ def trained_run(tmp_path_factory, tiny_params):
 
 
 def rebuild(ckpt: dict) -> torch.nn.Module:
-    cfg = config_from_dict(ckpt["config"])
+    cfg = for_loading(config_from_dict(ckpt["config"]))
     tok = ckpt["tokenizer"]
     model = build_model(cfg, tok["vocab_size"], len(ckpt["label_names"]), tok["pad_id"])
     model.load_state_dict(ckpt["model"])

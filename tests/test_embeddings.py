@@ -13,9 +13,10 @@ from hybridlib.embeddings import (
     load_pretrained_embeddings,
     ppmi_vectors,
     project,
+    zero_unseen_rows,
 )
 from hybridlib.errors import ConfigError
-from hybridlib.model import build_model
+from hybridlib.model import build_model, for_loading
 
 V = 60
 
@@ -88,6 +89,46 @@ def test_build_model_with_ppmi_needs_the_training_data(tiny_cfg, tiny_tokenizer)
     for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
         if name != "embedding.weight":
             assert torch.equal(a, b), name
+
+
+def test_zero_unseen_rows_zeroes_exactly_the_tokens_absent_from_the_texts():
+    emb = torch.nn.Embedding(V, 8, padding_idx=0)
+    before = emb.weight.detach().clone()
+    n = zero_unseen_rows(emb, corpus())
+    seen = [1, 2, 10, 11, 12, *range(20, 25), *range(30, 35)]  # specials count: they occur
+    assert n == V - len(seen)
+    unseen = [i for i in range(V) if i not in seen]
+    assert torch.equal(emb.weight[unseen], torch.zeros(len(unseen), 8))
+    assert torch.equal(emb.weight[seen], before[seen])
+
+
+def test_unseen_embeddings_zero_stay_zero_through_training_and_load_without_data(tiny_cfg, tiny_tokenizer):
+    from hybridlib.data import Collator, prepare_data
+
+    tiny_cfg.unseen_embeddings = "zero"
+    with pytest.raises(ConfigError, match="unseen_embeddings: zero needs the training split"):
+        build_model(tiny_cfg, len(tiny_tokenizer), 3)
+    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    model = build_model(tiny_cfg, data.vocab_size, 3, data.pad_id, data)
+    seen = torch.zeros(data.vocab_size, dtype=torch.bool)
+    for ids in data.splits["train"]["input_ids"]:
+        seen[torch.tensor(ids)] = True
+    zero = model.embedding.weight.eq(0).all(1)
+    assert 0 < int((~seen).sum()) and torch.equal(zero, ~seen)
+    # training steps (AdamW with weight decay) move the rows they use and leave the unseen ones at zero
+    batch = Collator(data.pad_id)([data.splits["train"][i] for i in range(16)])
+    before = model.embedding.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(model.embedding.weight[~seen], torch.zeros(int((~seen).sum()), tiny_cfg.embed_dim))
+    used = batch["input_ids"][batch["attention_mask"]].unique()
+    assert (model.embedding.weight[used] != before[used]).any(1).all()
+    # a saved model is rebuilt without the training data
+    assert build_model(for_loading(tiny_cfg), data.vocab_size, 3, data.pad_id).embedding.weight.shape[0] == data.vocab_size
 
 
 def test_vectors_from_a_file_are_projected_to_embed_dim(tmp_path):
