@@ -106,6 +106,10 @@ class Config:
     warmup_ratio: float = _f(0.05, "Fraction of all steps used for linear warm-up.", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0, exclusive_max=True)
+    adversarial_eps: float = _f(
+        0.0, "Adversarial training (Miyato, Dai & Goodfellow 2017): each step also trains on the word embeddings "
+        "moved by this L2 norm per text along the loss gradient, the direction that hurts most. Regularises "
+        "like data augmentation; doubles the cost of a step (0: off).", min=0.0)
     ema_decay: float = _f(
         0.0, "Keep an exponential moving average of the weights with this decay per step (e.g. 0.99) and validate "
         "and save the average instead of the raw weights (0: off).", min=0.0, max=1.0, exclusive_max=True)

@@ -12,8 +12,10 @@ import csv
 import json
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -138,6 +140,47 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def step_losses(net, ids, mask, y, cfg: Config, device, amp_dtype):
+    """(joint-head loss, loss to optimise, logits) of one forward pass; the second adds ``branch_aux_loss``."""
+    with autocast(device, amp_dtype):
+        logits, aux = net(ids, mask, with_aux=True)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    total = loss
+    if aux:  # branch_aux_loss: each branch's own classifier learns too
+        aux_loss = sum(F.cross_entropy(a.float(), y, label_smoothing=cfg.label_smoothing) for a in aux.values())
+        total = loss + cfg.branch_aux_loss * aux_loss / len(aux)
+    return loss, total, logits
+
+
+@contextmanager
+def embedding_tap(embedding: torch.nn.Module, add: torch.Tensor | None = None):
+    """Within the block, the embedding's output keeps its gradient (``tap.output.grad`` after backward), or,
+    with ``add``, has ``add`` added to it (adversarial training)."""
+    tap = SimpleNamespace(output=None)
+
+    def hook(module, inputs, out):
+        if add is not None:
+            return out + add
+        if not out.requires_grad:  # freeze_embeddings: still need the gradient with respect to the vectors
+            out = out.detach().requires_grad_()
+        out.retain_grad()
+        tap.output = out
+        return out
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield tap
+    finally:
+        handle.remove()
+
+
+def adversarial_perturbation(grad: torch.Tensor, eps: float) -> torch.Tensor:
+    """eps * g / ||g|| per text (over its tokens and dimensions): the worst-case direction to first order."""
+    g = grad.float()
+    g = g / g.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)  # as Miyato et al., against underflow
+    return (eps * g / g.norm(dim=(1, 2), keepdim=True).clamp_min(1e-12)).to(grad.dtype).detach()
+
+
 def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, device, amp_dtype):
     """One optimisation step on ``batch``: the body of the training loop (``hybridlib.bench`` times this too).
 
@@ -147,17 +190,18 @@ def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, dev
     ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["attention_mask"].to(device, non_blocking=True)
     y = batch["labels"].to(device, non_blocking=True)
-    with autocast(device, amp_dtype):
-        logits, aux = net(ids, mask, with_aux=True)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-    total = loss
-    if aux:  # branch_aux_loss: each branch's own classifier learns too
-        aux_loss = sum(F.cross_entropy(a.float(), y, label_smoothing=cfg.label_smoothing) for a in aux.values())
-        total = loss + cfg.branch_aux_loss * aux_loss / len(aux)
+    adversarial = cfg.adversarial_eps > 0
+    with embedding_tap(model.embedding) if adversarial else nullcontext() as tap:
+        loss, total, logits = step_losses(net, ids, mask, y, cfg, device, amp_dtype)
     if not torch.isfinite(total):
         return total, logits, y
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
+    if adversarial:  # a second pass on the perturbed embeddings; its gradients add to the first's
+        r = adversarial_perturbation(tap.output.grad, cfg.adversarial_eps)
+        with embedding_tap(model.embedding, add=r):
+            _, adv_total, _ = step_losses(net, ids, mask, y, cfg, device, amp_dtype)
+        scaler.scale(adv_total).backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

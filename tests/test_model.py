@@ -323,3 +323,50 @@ def test_branch_aux_loss_trains_the_branch_heads_and_logs_the_joint_loss():
     after = model.state_dict()
     for name in ("aux_heads.lstm.1.weight", "aux_heads.cnn.1.weight"):
         assert not torch.equal(before[name], after[name])
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_adversarial_perturbation_has_norm_eps_per_text_spares_padding_and_raises_the_loss(freeze):
+    import torch.nn.functional as F
+
+    from hybridlib.training import adversarial_perturbation, embedding_tap
+
+    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12, 5)])
+    y = torch.tensor([0, 1, 2, 1])
+    model = make_model(dropout=0.0, embed_dropout=0.0, freeze_embeddings=freeze)
+    model.embedding.weight.requires_grad_(not freeze)
+    with embedding_tap(model.embedding) as tap:
+        loss = F.cross_entropy(model(ids, mask), y)
+    loss.backward()
+    r = adversarial_perturbation(tap.output.grad, 0.5)
+    assert r.shape == (4, ids.shape[1], 8)
+    assert torch.allclose(r.norm(dim=(1, 2)), torch.full((4,), 0.5))
+    assert torch.equal(r[~mask], torch.zeros(int((~mask).sum()), 8))  # nothing moves the padding
+    with torch.no_grad():
+        with embedding_tap(model.embedding, add=r):
+            adversarial = F.cross_entropy(model(ids, mask), y).item()
+        noise = torch.randn_like(r) * mask.unsqueeze(-1)
+        with embedding_tap(model.embedding, add=0.5 * noise / noise.norm(dim=(1, 2), keepdim=True)):
+            random = F.cross_entropy(model(ids, mask), y).item()
+    assert adversarial > loss.item() and adversarial > random
+
+
+def test_adversarial_training_adds_the_perturbed_loss_gradient():
+    from hybridlib.training import train_step
+
+    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12, 5)])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+
+    def gradient(eps: float) -> torch.Tensor:
+        """The gradient train_step stepped with (left in .grad by the step)."""
+        cfg = tiny_config(dropout=0.0, embed_dropout=0.0, grad_clip=0.0, adversarial_eps=eps)
+        model = make_model(dropout=0.0, embed_dropout=0.0).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        train_step(model, model, batch, opt, sched, torch.amp.GradScaler(enabled=False), cfg, torch.device("cpu"), None)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain = gradient(0.0)
+    # a vanishing perturbation: the second pass has the same gradient, so the step's gradient doubles
+    assert torch.allclose(gradient(1e-6), 2 * plain, rtol=1e-3, atol=1e-7)
+    assert not torch.allclose(gradient(1.0), 2 * plain, rtol=1e-2, atol=1e-5)
