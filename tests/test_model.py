@@ -334,7 +334,6 @@ def test_adversarial_perturbation_has_norm_eps_per_text_spares_padding_and_raise
     ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12, 5)])
     y = torch.tensor([0, 1, 2, 1])
     model = make_model(dropout=0.0, embed_dropout=0.0, freeze_embeddings=freeze)
-    model.embedding.weight.requires_grad_(not freeze)
     with embedding_tap(model.embedding) as tap:
         loss = F.cross_entropy(model(ids, mask), y)
     loss.backward()
