@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU build of torch, installed first so nothing pulls a multi-GB CUDA build.
-# With a GPU: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" ...
+# Everything goes into $(VENV)/ (created if missing). torch is installed first, from TORCH_SPEC; then
+# hybridlib with its test extras, which then leaves that torch in place.
+# torch==2.13.0 from plain PyPI on Linux is the CUDA build: several GB, and it runs on a CPU too.
+# Where pip is configured with a local wheel mirror or a CPU wheel (pip.conf, PIP_FIND_LINKS), pip takes that.
+# CPU-only build:  make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" run
+# TORCH_SPEC counts only when $(VENV)/ is set up: to switch builds, make clean-venv first.
 TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params/ag_news.yaml
 ARGS   ?=
@@ -24,12 +28,13 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/hybridlib run $(PARAMS) $(ARGS)
 
-## Set up (if needed) and run the unit tests and every notebook (nbmake) on generated tiny data
+## Set up (if needed) and run the unit tests and every notebook (nbmake) on generated tiny data,
+## one pytest-xdist worker per core (at most 4)
 test: install
-	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=600 $(ARGS)
+	$(PY) -m pytest tests notebooks --nbmake --nbmake-timeout=600 -n auto --maxprocesses 4 $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check hybridlib tests tools
+	$(VENV)/bin/ruff check hybridlib tests benchmarks conftest.py
 
 clean-venv:
 	rm -rf $(VENV)

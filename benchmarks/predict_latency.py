@@ -1,8 +1,8 @@
 """How fast is a prediction in the widget? Median latency over N clicks on a ~230-word review.
 
-    python tools/bench_predict.py                         # every finished run under outputs/
-    python tools/bench_predict.py outputs/imdb-2026...    # given runs
-    python tools/bench_predict.py --synthetic params/imdb.yaml -p tokenizer ../shared/tokenizers/bert-base-uncased
+    python benchmarks/predict_latency.py                         # every finished run under outputs/
+    python benchmarks/predict_latency.py outputs/imdb-2026...    # given runs
+    python benchmarks/predict_latency.py --synthetic params/imdb.yaml -p tokenizer ../shared/tokenizers/bert-base-uncased
         # an untrained model of that size (same cost as a trained one), built in a temp folder
 
 Reports, per run: the widget's Predict click (predict + explanation + HTML), Predictor.predict alone
@@ -17,6 +17,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+from hybridlib.artifacts import MODEL_FILE, TOKENIZER_DIR, list_runs, model_checkpoint, save_checkpoint
+from hybridlib.config import load_config, parse_cli_value
+from hybridlib.model import build_model
+from hybridlib.prediction import Predictor
+from hybridlib.tokens import load_tokenizer, tokenizer_fingerprint
+from hybridlib.widgets import make_predict_widget
 
 REVIEW = (
     "I went into this film with modest expectations, having heard mixed things from friends, and I came out "
@@ -43,13 +51,6 @@ def stats(xs: list[float]) -> str:
 
 def synthetic_run(params: str, overrides: dict, folder: Path) -> Path:
     """An untrained model with the size and tokenizer of ``params`` saved as a run (model.pt + tokenizer/)."""
-    import torch
-
-    from hybridlib.checkpoint import save_checkpoint
-    from hybridlib.config import load_config
-    from hybridlib.data import load_tokenizer
-    from hybridlib.model import build_model
-
     cfg = load_config(params, overrides)
     cfg.pretrained_embeddings = None
     tok = load_tokenizer(cfg.tokenizer)
@@ -57,20 +58,14 @@ def synthetic_run(params: str, overrides: dict, folder: Path) -> Path:
     model = build_model(cfg, len(tok), len(labels), tok.pad_token_id)
     run = folder / f"synthetic-{cfg.dataset}"
     run.mkdir(parents=True)
-    tok.save_pretrained(str(run / "tokenizer"))
-    save_checkpoint({
-        "format_version": 1, "model": model.state_dict(), "config": cfg.to_dict(), "label_names": labels,
-        "tokenizer": {"name": cfg.tokenizer, "fingerprint": "", "vocab_size": len(tok), "pad_id": tok.pad_token_id},
-        "epoch": 0, "best_metric": 0.0,
-    }, run / "model.pt")
-    del torch
+    tok.save_pretrained(str(run / TOKENIZER_DIR))
+    data = SimpleNamespace(label_names=labels, tokenizer_id=tokenizer_fingerprint(tok), vocab_size=len(tok),
+                           pad_id=tok.pad_token_id)
+    save_checkpoint(model_checkpoint(model, cfg, data, epoch=0, best_metric=0.0), run / MODEL_FILE)
     return run
 
 
 def bench(run: Path, n: int) -> None:
-    from hybridlib.prediction import Predictor
-    from hybridlib.widgets import make_predict_widget
-
     t = time.perf_counter()
     wd = make_predict_widget(run_dir=run)
     wd.text.value = REVIEW
@@ -110,9 +105,6 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", metavar="PARAMS", help="also time an untrained model built from this params file")
     ap.add_argument("-p", nargs=2, action="append", metavar=("KEY", "VALUE"), help="override for --synthetic")
     a = ap.parse_args(argv)
-    from hybridlib.config import parse_cli_value
-    from hybridlib.runs import list_runs
-
     runs = list(a.runs) or [r["run_dir"] for r in list_runs()]
     with tempfile.TemporaryDirectory() as tmp:
         if a.synthetic:

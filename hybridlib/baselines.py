@@ -19,11 +19,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from sklearn.pipeline import Pipeline
 
+from hybridlib.artifacts import atomic_write
 from hybridlib.errors import CheckpointError
 
 C_GRID = (1.0, 4.0, 16.0)
 ENSEMBLE_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
-TFIDF_FILE = "tfidf_logreg.npz"
 # what TfidfVectorizer.transform needs besides the vocabulary and idf (fit-only settings such as min_df are not)
 _VECTORIZER_KEYS = ("lowercase", "strip_accents", "token_pattern", "ngram_range", "analyzer", "norm", "use_idf",
                     "smooth_idf", "sublinear_tf", "dtype")
@@ -77,8 +77,6 @@ def tfidf_proba(pipe: Pipeline, texts: list[str], num_classes: int) -> np.ndarra
 
 def save_tfidf_logreg(pipe: Pipeline, path: str | Path) -> None:
     """Write a fitted pipeline as plain arrays (vocabulary, idf, coefficients): loadable without pickle."""
-    from hybridlib.checkpoint import atomic_write
-
     vec, clf = pipe.named_steps["tfidf"], pipe.named_steps["logreg"]
     params = {k: v for k, v in vec.get_params().items() if k in _VECTORIZER_KEYS}
     params["dtype"] = np.dtype(params["dtype"]).name

@@ -1,4 +1,4 @@
-"""Command line: ``hybridlib run|evaluate|predict|visualize|params ...`` (see ``hybridlib -h``)."""
+"""Command line: ``hybridlib run|train|evaluate|predict|visualize|compare|bench|params ...`` (``hybridlib -h``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hybridlib.config import parse_cli_value
+from hybridlib import pipeline
+from hybridlib.artifacts import METRICS_FILE, read_json
+from hybridlib.bench import format_report, run_benchmark
+from hybridlib.compare import to_markdown, write_comparison
+from hybridlib.config import describe, parse_cli_value
 from hybridlib.errors import HybridlibError
+from hybridlib.evaluation import evaluate_checkpoint
+from hybridlib.plots import save_run_plots
+from hybridlib.prediction import Predictor
 
 
 def _overrides(pairs: list[list[str]] | None) -> dict[str, Any]:
@@ -24,8 +31,6 @@ def _add_p(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from hybridlib import pipeline
-
     if a.resume:
         if a.params or a.parameter or a.run_name:
             raise HybridlibError("--resume takes only the run folder; its params.yaml is reused unchanged.")
@@ -34,18 +39,24 @@ def cmd_run(a: argparse.Namespace) -> int:
         if not a.params:
             raise HybridlibError("hybridlib run needs a params file, e.g. `hybridlib run params/ag_news.yaml`.")
         run_dir = pipeline.run(a.params, _overrides(a.parameter), a.run_name, a.outputs, a.notebooks)
-    metrics = Path(run_dir) / "metrics.json"
+    metrics = Path(run_dir) / METRICS_FILE
     print(f"Run finished: {run_dir}")
     if metrics.is_file():
-        m = json.loads(metrics.read_text())
+        m = read_json(metrics)
         print(f"test_accuracy {m['test_accuracy']:.4f}  test_macro_f1 {m['test_macro_f1']:.4f}  "
               f"best_val_accuracy {m['best_val_accuracy']:.4f} (epoch {m['best_epoch']})")
     return 0
 
 
-def cmd_evaluate(a: argparse.Namespace) -> int:
-    from hybridlib.evaluation import evaluate_checkpoint
+def cmd_train(a: argparse.Namespace) -> int:
+    result, run_dir = pipeline.train_only(a.params, _overrides(a.parameter), a.run_name, a.outputs)
+    if result is not None:
+        print(f"Training finished: {run_dir} (best val_accuracy {result.best_val_accuracy:.4f} at epoch "
+              f"{result.best_epoch}). Evaluate and plot it with: hybridlib run --resume {run_dir}")
+    return 0
 
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
     over = _overrides(a.parameter)
     if a.dataset:
         over["dataset"] = a.dataset
@@ -75,8 +86,6 @@ def _read_texts(a: argparse.Namespace) -> list[str]:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from hybridlib.prediction import Predictor
-
     texts = _read_texts(a)  # before loading the model: a missing text fails fast
     is_run = Path(a.checkpoint).is_dir()  # a run folder works too
     if is_run:
@@ -101,8 +110,6 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_visualize(a: argparse.Namespace) -> int:
-    from hybridlib.plots import save_run_plots
-
     paths, metrics = save_run_plots(a.run_dir)
     for p in paths:
         print(f"wrote {p}")
@@ -113,8 +120,6 @@ def cmd_visualize(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from hybridlib.compare import to_markdown, write_comparison
-
     table, paths = write_comparison(a.runs, a.out)
     print(to_markdown(table))
     for p in paths:
@@ -123,8 +128,6 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from hybridlib.bench import format_report, run_benchmark
-
     result = run_benchmark(
         a.params, _overrides(a.parameter), steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds,
         eval_texts=a.eval_texts, predict_n=a.predict_n, cold=not a.no_cold, progress=not a.json,
@@ -134,8 +137,6 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_params(a: argparse.Namespace) -> int:
-    from hybridlib.config import describe
-
     print(describe())
     return 0
 
@@ -152,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", type=Path, help="Folder with the numbered notebooks (default: the project's).")
     _add_p(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "train", help="Train only (no notebooks): on num_processes processes here, or as one rank under torchrun.",
+        description="Train a run without executing the notebooks. Under torchrun (several GPUs or machines): "
+        "torchrun --nproc-per-node 4 -m hybridlib train params/ag_news.yaml --run-name NAME. "
+        "Evaluate afterwards with `hybridlib run --resume RUN`.")
+    p.add_argument("params", help="Params YAML: a template (params/ag_news.yaml) or a run's own outputs/RUN/params.yaml.")
+    p.add_argument("--run-name", help="Name of the new run folder (default: <dataset>-<timestamp>).")
+    p.add_argument("--outputs", help="Folder for runs (default: $HYBRIDLIB_OUTPUTS or ./outputs).")
+    _add_p(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="Evaluate a checkpoint on a dataset split.")
     p.add_argument("--checkpoint", required=True, help="A run's model.pt.")
@@ -204,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     except HybridlibError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # pipeline.Interrupted says where the run stands and how to resume it
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
 
 

@@ -10,21 +10,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from hybridlib.config import Config
-from hybridlib.errors import RunError
-from hybridlib.training import load_history
-
-# params that differ between repeats of the same experiment
-NOT_EXPERIMENT = {"seed", "run_dir", "resume", "data_dir", "tokenizer", "device", "num_workers", "num_threads",
-                  "num_processes", "eval_batch_size", "baseline"}
+from hybridlib.artifacts import read_history, read_metrics
+from hybridlib.config import RETIRED, Config, experiment_fields
 
 
 def load_run(run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.json").is_file():
-        raise RunError(f"{run_dir} has no metrics.json: it is not a finished, evaluated run.")
-    m = json.loads((run_dir / "metrics.json").read_text())
-    m["history"] = load_history(run_dir) if (run_dir / "training_log.csv").is_file() else []
+    m = read_metrics(run_dir)
+    m["history"] = read_history(run_dir)
     m["run_dir"] = str(run_dir)
     return m
 
@@ -41,10 +33,10 @@ def experiment_key(params: dict, varying: list[str]) -> str:
 def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     """(table with one row per experiment, mean ± std over its seeds; the loaded runs)."""
     runs = [load_run(d) for d in run_dirs]
-    # a param added after a run was made counts as its default there
-    defaults = Config().to_dict()
-    exp_params = [{k: v for k, v in {**defaults, **r["params"]}.items() if k not in NOT_EXPERIMENT} for r in runs]
-    keys = sorted({k for p in exp_params for k in p})
+    # a param added after a run was made counts as its default there, a retired one at "off" as absent
+    defaults = {**RETIRED, **Config().to_dict()}
+    keys = [*experiment_fields(), *RETIRED]
+    exp_params = [{k: {**defaults, **r["params"]}[k] for k in keys} for r in runs]
     varying = [k for k in keys if len({json.dumps(p.get(k)) for p in exp_params}) > 1]
     for r, p in zip(runs, exp_params):
         r["experiment"] = experiment_key(p, varying)

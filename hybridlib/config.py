@@ -1,8 +1,15 @@
-"""All parameters of a run, typed and documented in one dataclass.
+"""All parameters of a run: one flat, typed, documented dataclass.
 
-A params file (YAML) sets any subset of the fields of :class:`Config`; the rest keep
-their defaults. ``load_config`` validates every key and value and raises
-:class:`ConfigError` with a message that names the key and the fix.
+Every field belongs to one group (its ``group`` metadata):
+
+- ``data``: which texts, labels and splits, and how they become token ids (the tokenizer facts);
+- ``model``: the architecture, all that :func:`hybridlib.model.build_model` needs to rebuild it;
+- ``training``: optimisation, initialisation, regularisation, the seed;
+- ``machine``: where and how fast it runs (never changes what is learned beyond float rounding);
+- ``run``: where artifacts go and what the pipeline does.
+
+A params file (YAML) sets any subset of the fields; the rest keep their defaults. ``load_config``
+validates every key and value and raises :class:`ConfigError` naming the key and the fix.
 """
 
 from __future__ import annotations
@@ -20,128 +27,141 @@ import yaml
 
 from hybridlib.errors import ConfigError
 
-
-def _f(default: Any, help: str, **constraints: Any) -> Any:
-    """A dataclass field with help text and optional constraints (min, max, choices)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **constraints})
-    return field(default=default, metadata={"help": help, **constraints})
-
-
+GROUPS = ("data", "model", "training", "machine", "run")
 BRANCHES = ("cnn", "lstm")
+# pretrained_embeddings values that name a source, not a file (see hybridlib.embeddings)
+NAMED_EMBEDDINGS = ("minilm", "ppmi")
+# Options removed after they failed validation (docs/accuracy.md, "Rejected options"), with the value
+# that means "off": a params file, params.yaml or checkpoint with that value still loads.
+RETIRED = {"branch_norm": False, "ema_decay": 0.0, "unseen_embeddings": "random"}
+RETIRED_VALUES = {"lstm_pooling": ("both",)}
+LAST_VERSION_WITH_RETIRED = "hybridlib 0.1.0 (git commit e670417)"
+
+
+def _f(default: Any, group: str, help: str, **meta: Any) -> Any:
+    """A dataclass field with its group, help text and constraints (min, max, choices, ...).
+
+    Extra flags: ``location`` (a path or name that differs between machines, not part of an experiment),
+    ``repeat`` (varies between repeats of one experiment: the seed)."""
+    assert group in GROUPS, group
+    meta = {"group": group, "help": help, **meta}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
-    """Everything a run needs. Field help texts are the reference documentation."""
+    """Everything a run needs. Field help texts are the reference documentation (`hybridlib params`)."""
 
-    # --- data ---
-    dataset: str = _f("ag_news", "Hugging Face hub dataset name (e.g. ag_news, imdb), or a name for local data.")
+    # --- data: texts, labels, splits, tokens ---
+    dataset: str = _f("ag_news", "data", "Hugging Face hub dataset name (e.g. ag_news, imdb), or a name for local data.")
     data_dir: Optional[str] = _f(
-        None,
-        "Folder with local splits (<split>.parquet/.csv/.jsonl). Overrides the hub. "
-        "If unset, $HYBRIDLIB_DATA_DIR/<dataset> is used when it exists.",
-    )
-    train_split: str = _f("train", "Name of the training split.")
-    test_split: str = _f("test", "Name of the test split (final numbers are reported on it).")
-    text_column: str = _f("text", "Column holding the text.")
-    label_column: str = _f("label", "Column holding the label (ints or strings).")
+        None, "data",
+        "Folder with local splits (<split>.parquet/.csv/.jsonl); overrides the hub. "
+        "Unset: $HYBRIDLIB_DATA_DIR/<dataset> when it exists.", location=True)
+    train_split: str = _f("train", "data", "Name of the training split.")
+    test_split: str = _f("test", "data", "Name of the test split (final numbers are reported on it).")
+    text_column: str = _f("text", "data", "Column holding the text.")
+    label_column: str = _f("label", "data", "Column holding the label (ints, integral floats or strings).")
+    encoding: str = _f("utf-8", "data", "Text encoding of local csv/jsonl files, e.g. latin-1 or cp1252.", location=True)
     label_names: Optional[list[str]] = _f(
-        None,
-        "Class names in label-id order. Default: the dataset's ClassLabel names, else the sorted distinct labels.",
-        unique=True,
-    )
-    val_size: float = _f(0.1, "Fraction of train held out (stratified) for validation.", min=0.0, max=0.9, exclusive_min=True)
-    max_train_samples: Optional[int] = _f(None, "Use at most this many training texts (quick runs).", min=1)
-    max_eval_samples: Optional[int] = _f(None, "Use at most this many validation and test texts (quick runs).", min=1)
-
-    # --- tokenizer ---
-    tokenizer: str = _f("bert-base-uncased", "Hub id or local folder of a fast tokenizer (only its ids are used).")
-    max_length: int = _f(256, "Truncate texts to this many tokens (special tokens included).", min=2)
+        None, "data",
+        "Class names in label-id order. Default: the dataset's ClassLabel names, else the distinct labels in natural order.",
+        unique=True)
+    val_size: float = _f(0.1, "data", "Fraction of train held out (stratified) for validation.",
+                         min=0.0, max=0.9, exclusive_min=True)
+    max_train_samples: Optional[int] = _f(None, "data", "Use at most this many training texts (quick runs).", min=1)
+    max_eval_samples: Optional[int] = _f(None, "data", "Use at most this many validation and test texts (quick runs).", min=1)
+    tokenizer: str = _f("bert-base-uncased", "data", "Hub id or local folder of a fast tokenizer (only its ids are used).",
+                        location=True)
+    max_length: int = _f(256, "data", "Truncate texts to this many tokens (special tokens included).", min=2)
     truncation: Literal["head", "head_tail"] = _f(
-        "head", "How to cut long texts: keep the head, or the head and the tail (first 1/4, last 3/4 of the budget)."
-    )
+        "head", "data", "How to cut long texts: keep the head, or the head and the tail (first 1/4, last 3/4 of the budget).")
 
-    # --- model ---
-    branches: list[str] = _f(["cnn", "lstm"], "Which branches to use: any of cnn, lstm.", choices=BRANCHES, unique=True)
-    embed_dim: int = _f(128, "Size of the learned token embedding.", min=1)
-    embed_dropout: float = _f(0.1, "Word dropout: probability of zeroing a whole token embedding during training.", min=0.0, max=1.0, exclusive_max=True)
-    lstm_hidden: int = _f(128, "Hidden size of each LSTM direction.", min=1)
-    lstm_layers: int = _f(1, "Number of stacked BiLSTM layers (1 or 2).", min=1, max=2)
-    lstm_pooling: Literal["max", "mean", "both"] = _f("max", "How the BiLSTM outputs are pooled over time.")
-    cnn_kernel_sizes: list[int] = _f([3, 4, 5], "Kernel widths of the CNN branch.", min=1)
-    cnn_filters: int = _f(100, "Filters per kernel width.", min=1)
-    mlp_hidden: int = _f(128, "Hidden size of the MLP classifier (0: a single linear layer).", min=0)
-    branch_norm: bool = _f(
-        False, "LayerNorm each branch's pooled features before concatenating them: the BiLSTM's lie in (-1, 1), "
-        "the CNN's ReLU maxima are unbounded, so without it one branch can drown out the other.")
+    # --- model: the architecture ---
+    branches: list[str] = _f(["cnn", "lstm"], "model", "Which branches to use: any of cnn, lstm.", choices=BRANCHES, unique=True)
+    embed_dim: int = _f(128, "model", "Size of the learned token embedding.", min=1)
+    embed_dropout: float = _f(0.1, "model", "Word dropout: probability of zeroing a whole token embedding in training.",
+                              min=0.0, max=1.0, exclusive_max=True)
+    lstm_hidden: int = _f(128, "model", "Hidden size of each LSTM direction.", min=1)
+    lstm_layers: int = _f(1, "model", "Number of stacked BiLSTM layers (1 or 2).", min=1, max=2)
+    lstm_pooling: Literal["max", "mean"] = _f("max", "model", "How the BiLSTM outputs are pooled over time.")
+    cnn_kernel_sizes: list[int] = _f([3, 4, 5], "model", "Kernel widths of the CNN branch.", min=1)
+    cnn_filters: int = _f(100, "model", "Filters per kernel width.", min=1)
+    mlp_hidden: int = _f(128, "model", "Hidden size of the MLP classifier (0: a single linear layer).", min=0)
+    dropout: float = _f(0.5, "model", "Dropout before (and inside) the MLP classifier.", min=0.0, max=1.0, exclusive_max=True)
     branch_aux_loss: float = _f(
-        0.0, "Weight of per-branch auxiliary losses: each branch also gets its own linear classifier on its pooled "
-        "features, trained beside the joint head (loss = CE(joint) + w * mean CE(branch)), so the branch that "
-        "learns faster cannot leave the other undertrained. 0 = off; ignored with one branch. Prediction uses "
-        "the joint head only.", min=0.0)
-    dropout: float = _f(0.5, "Dropout before (and inside) the MLP classifier.", min=0.0, max=1.0, exclusive_max=True)
+        0.0, "model",
+        "Weight of per-branch auxiliary losses: each branch also gets its own linear classifier, trained beside the "
+        "joint head (loss = CE(joint) + w * mean CE(branch)). 0: off; ignored with one branch. Prediction uses the "
+        "joint head only.", min=0.0)
+
+    # --- training: optimisation, initialisation, regularisation ---
     pretrained_embeddings: Optional[str] = _f(
-        None,
-        "Initialise the embedding from pretrained vectors of the same vocabulary: 'minilm' (all-MiniLM-L6-v2's "
-        "input embeddings, extra [pretrained]), 'ppmi' (co-occurrence vectors of the run's own training split: "
-        "no outside data), or a .pt/.npy/.safetensors matrix (vocab x dim; PCA to embed_dim).",
-    )
-
-    freeze_embeddings: bool = _f(False, "Keep the (pretrained) embedding fixed during training.")
-    unseen_embeddings: Literal["random", "zero"] = _f(
-        "random",
-        "Embedding rows of tokens that never occur in the training split, so never get a gradient: 'random' "
-        "keeps their initialisation (noise wherever such a token appears at prediction), 'zero' makes them "
-        "add nothing, as word dropout does in training.",
-    )
-
-    # --- training ---
-    epochs: int = _f(5, "Maximum number of epochs.", min=1)
-    batch_size: int = _f(64, "Training batch size (global, across processes).", min=1)
-    eval_batch_size: int = _f(256, "Batch size for validation, test and prediction.", min=1)
-    lr: float = _f(2e-3, "Peak learning rate of AdamW.", min=0.0, exclusive_min=True)
-    weight_decay: float = _f(0.01, "AdamW weight decay.", min=0.0)
-    lr_schedule: Literal["linear", "cosine", "constant"] = _f("linear", "Learning-rate decay after warm-up.")
-    warmup_ratio: float = _f(0.05, "Fraction of all steps used for linear warm-up.", min=0.0, max=1.0)
-    grad_clip: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
-    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy loss.", min=0.0, max=1.0, exclusive_max=True)
+        None, "training",
+        "Initialise the embedding: 'ppmi' (co-occurrence vectors of the training split: no outside data), 'minilm' "
+        "(all-MiniLM-L6-v2's input embeddings, extra [pretrained]), or a .pt/.npy/.safetensors matrix (vocab x dim).")
+    freeze_embeddings: bool = _f(False, "training", "Keep the (pretrained) embedding fixed during training.")
+    epochs: int = _f(5, "training", "Maximum number of epochs.", min=1)
+    batch_size: int = _f(64, "training", "Training batch size (global, across processes).", min=1)
+    bucket_by_length: bool = _f(True, "training", "Batch texts of similar length together (less padding).")
+    lr: float = _f(2e-3, "training", "Peak learning rate of AdamW.", min=0.0, exclusive_min=True)
+    weight_decay: float = _f(0.01, "training", "AdamW weight decay.", min=0.0)
+    lr_schedule: Literal["linear", "cosine", "constant"] = _f("linear", "training", "Learning-rate decay after warm-up.")
+    warmup_ratio: float = _f(0.05, "training", "Fraction of all steps used for linear warm-up.", min=0.0, max=1.0)
+    grad_clip: float = _f(1.0, "training", "Clip the gradient norm to this (0: no clipping).", min=0.0)
+    label_smoothing: float = _f(0.0, "training", "Label smoothing of the cross-entropy loss.",
+                                min=0.0, max=1.0, exclusive_max=True)
     adversarial_eps: float = _f(
-        0.0, "Adversarial training (Miyato, Dai & Goodfellow 2017): each step also trains on the word embeddings "
-        "moved by this L2 norm per text along the loss gradient, the direction that hurts most. Regularises "
-        "like data augmentation; a second forward and backward pass per step (measured 1.4x the training time on AG "
-        "News 5k, 1.8x on IMDB; 0: off).", min=0.0)
-    ema_decay: float = _f(
-        0.0, "Keep an exponential moving average of the weights with this decay per step (e.g. 0.99) and validate "
-        "and save the average instead of the raw weights (0: off).", min=0.0, max=1.0, exclusive_max=True)
-    patience: int = _f(2, "Stop after this many epochs without a better validation accuracy (0: never).", min=0)
-    seed: int = _f(42, "Seed for the split, shuffling and initialisation.", min=0)
+        0.0, "training",
+        "Adversarial training (Miyato et al. 2017): each step also trains on the word embeddings moved by this L2 "
+        "norm per text along the loss gradient. A second forward and backward pass per step (0: off).", min=0.0)
+    patience: int = _f(2, "training", "Stop after this many epochs without a better validation accuracy (0: never).", min=0)
+    seed: int = _f(42, "training", "Seed for the split, shuffling and initialisation.", min=0, repeat=True)
 
-    # --- speed ---
-    device: str = _f("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.", pattern=r"auto|cpu|cuda(:\d+)?|mps")
+    # --- machine: where and how fast ---
+    device: str = _f("auto", "machine", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+                     pattern=r"auto|cpu|cuda(:\d+)?|mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
-        "auto", "auto: bf16 autocast on CPUs that support it, AMP (bf16/fp16) on CUDA; fp32 to turn it off."
-    )
-    bucket_by_length: bool = _f(True, "Batch texts of similar length together (less padding, faster).")
-    num_workers: int = _f(0, "DataLoader worker processes.", min=0)
+        "auto", "machine", "auto: bf16 autocast on CPUs with native bf16, AMP (bf16/fp16) on CUDA; fp32 turns it off.")
+    eval_batch_size: int = _f(256, "machine", "Batch size for validation, test and prediction.", min=1)
+    num_workers: int = _f(0, "machine", "DataLoader worker processes.", min=0)
     num_threads: Optional[int] = _f(
-        None, "CPU threads for torch in training and evaluation (default: one per core). Use 1 on a shared "
-        "machine: busy cores slow torch's default threads ~10x.", min=1)
-    num_processes: int = _f(1, "Training processes (DDP via torchrun; gloo on CPU, NCCL on CUDA).", min=1)
+        None, "machine",
+        "CPU threads for torch. Unset: chosen from the free cores and re-checked while running; a number pins it "
+        "(bit-for-bit reproducible CPU runs).", min=1)
+    num_processes: int = _f(1, "machine", "Training processes (DDP; gloo on CPU, NCCL on CUDA).", min=1)
 
-    # --- run ---
-    run_dir: Optional[str] = _f(None, "Where the run's artifacts go. Default: a new outputs/<dataset>-<timestamp>.")
-    resume: bool = _f(False, "Continue an interrupted run from run_dir/last.pt.")
-    baseline: bool = _f(True, "Also fit the TF-IDF + logistic regression baseline on the same split.")
+    # --- run: artifacts and pipeline ---
+    run_dir: Optional[str] = _f(None, "run", "Where the run's artifacts go. Default: a new outputs/<dataset>-<timestamp>.",
+                                location=True)
+    resume: bool = _f(False, "run", "Continue an interrupted run from run_dir/last.pt.")
+    baseline: bool = _f(True, "run", "Also fit the TF-IDF + logistic regression baseline on the same split.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def group(self, *groups: str) -> dict[str, Any]:
+        """The fields of the given groups, as a dict."""
+        return {k: v for k, v in self.to_dict().items() if FIELDS[k].metadata["group"] in groups}
 
-# pretrained_embeddings values that name a source, not a file (see hybridlib.embeddings)
-NAMED_EMBEDDINGS = ("minilm", "ppmi")
+
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
+# paths in params (relative ones are resolved against the project root or the cwd)
+PATH_FIELDS = ("data_dir", "pretrained_embeddings", "run_dir")
+
+
+def fields_of(*groups: str) -> list[str]:
+    """Names of the fields in ``groups``, in declaration order."""
+    return [k for k, f in FIELDS.items() if f.metadata["group"] in groups]
+
+
+def experiment_fields() -> list[str]:
+    """The fields that define an experiment: data, model and training, except the seed and machine-local paths."""
+    return [k for k in fields_of("data", "model", "training")
+            if not FIELDS[k].metadata.get("repeat") and not FIELDS[k].metadata.get("location")]
 
 
 def _type_name(tp: Any) -> str:
@@ -248,10 +268,32 @@ def unknown_key_message(key: str, source: str = "") -> str:
     )
 
 
+def _retired(key: str, value: Any, source: str) -> bool:
+    """True if ``key`` is a removed option left at its "off" value (to be dropped); raise if it is switched on."""
+    where = f" in {source}" if source else ""
+    if key in RETIRED:
+        if value == RETIRED[key]:
+            return True
+        raise ConfigError(
+            f"Parameter '{key}'{where} is {value!r}, but '{key}' was removed from hybridlib after it failed "
+            f"validation (docs/accuracy.md, 'Rejected options'). Delete the line to train without it, or use "
+            f"{LAST_VERSION_WITH_RETIRED} to load or reproduce a run that used it."
+        )
+    if value in RETIRED_VALUES.get(key, ()):
+        raise ConfigError(
+            f"Parameter '{key}'{where}: {value!r} was removed from hybridlib after it failed validation "
+            f"(docs/accuracy.md, 'Rejected options'). Use one of {list(typing.get_args(_HINTS[key]))}, or "
+            f"{LAST_VERSION_WITH_RETIRED} to load or reproduce a run that used it."
+        )
+    return False
+
+
 def validate(values: dict[str, Any], source: str = "") -> dict[str, Any]:
-    """Check keys and coerce values; return a clean dict of the given keys."""
+    """Check keys and coerce values; return a clean dict of the given keys (retired keys at "off" dropped)."""
     clean: dict[str, Any] = {}
     for key, value in values.items():
+        if _retired(key, value, source):
+            continue
         if key not in FIELDS:
             raise ConfigError(unknown_key_message(key, source))
         tp = _HINTS[key]
@@ -315,15 +357,19 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config from a checkpoint or metrics dict (keys validated the same way)."""
-    return Config(**validate(values, source="checkpoint"))
+def config_from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
+    """Rebuild a Config from a checkpoint or metrics dict (keys validated the same way; missing keys: defaults)."""
+    return Config(**validate(values, source=source))
 
 
 def describe() -> str:
-    """A table of all parameters with type, default and help (for `hybridlib params`)."""
+    """All parameters by group: name, type, default and help (for `hybridlib params`)."""
     lines = []
-    for name, f in FIELDS.items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"{name:22s} {_type_name(_HINTS[name]):34s} default {default!r}\n    {f.metadata['help']}")
+    for group in GROUPS:
+        lines.append(f"[{group}]")
+        for name in fields_of(group):
+            f = FIELDS[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {name:22s} {_type_name(_HINTS[name]):30s} default {default!r}")
+            lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)

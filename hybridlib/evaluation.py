@@ -3,14 +3,52 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import pandas as pd
+import sklearn
 import torch
-import torch.nn.functional as F
+import transformers
+from IPython.display import display
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
 from tqdm.auto import tqdm
 
-from hybridlib.runtime import autocast
+from hybridlib.artifacts import (
+    METRICS_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    TFIDF_FILE,
+    TOKENIZER_DIR,
+    TRAIN_INFO_FILE,
+    check_compatible,
+    checkpoint_config,
+    load_checkpoint,
+    load_model,
+    model_from_checkpoint,
+    read_history,
+    read_json,
+    run_lock,
+    write_json,
+    write_text,
+)
+from hybridlib.baselines import ensemble, save_tfidf_logreg, tfidf_logreg
+from hybridlib.batching import make_loader
+from hybridlib.config import Config, config_from_dict, validate
+from hybridlib.data import Data, prepare_data
+from hybridlib.errors import ConfigError
+from hybridlib.model import count_parameters
+from hybridlib.runtime import autocast, resolve_device, resolve_precision
+from hybridlib.threads import CPUThreads
+from hybridlib.tokens import load_tokenizer
 
 
 @torch.no_grad()
@@ -21,6 +59,7 @@ def predict_logits(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "Predicting",
+    threads: CPUThreads | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, labels, row order) for every batch of ``loader``, in fp32 numpy.
 
@@ -31,6 +70,8 @@ def predict_logits(
     sampler = loader.batch_sampler
     batches = list(sampler) if sampler is not None else None
     for i, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        if threads is not None:
+            threads.update()
         ids = batch["input_ids"].to(device, non_blocking=True)
         mask = batch["attention_mask"].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -44,18 +85,11 @@ def predict_logits(
     return cat(logits), cat(labels), cat(order)
 
 
-def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    t = torch.from_numpy(logits)
-    y = torch.from_numpy(labels)
-    return float(F.cross_entropy(t, y)), float((t.argmax(1) == y).float().mean())
-
-
-def evaluate_split(model, ds, cfg, pad_id: int, device: torch.device, amp_dtype=None, progress: bool = True) -> dict[str, np.ndarray]:
+def evaluate_split(model, ds, cfg: Config, pad_id: int, device: torch.device, amp_dtype=None, progress: bool = True,
+                   threads: CPUThreads | None = None) -> dict[str, np.ndarray]:
     """Predictions for a whole tokenized split, in the split's row order."""
-    from hybridlib.data import make_loader
-
     loader = make_loader(ds, cfg, pad_id, train=False)
-    logits, labels, order = predict_logits(model, loader, device, amp_dtype, progress, desc="Evaluating")
+    logits, labels, order = predict_logits(model, loader, device, amp_dtype, progress, desc="Evaluating", threads=threads)
     inv = np.argsort(order)
     logits, labels = logits[inv], labels[inv]
     probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
@@ -64,8 +98,6 @@ def evaluate_split(model, ds, cfg, pad_id: int, device: torch.device, amp_dtype=
 
 def compute_metrics(labels: np.ndarray, preds: np.ndarray, label_names: list[str]) -> dict[str, Any]:
     """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
     idx = list(range(len(label_names)))
     p, r, f, s = precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
     return {
@@ -81,8 +113,6 @@ def compute_metrics(labels: np.ndarray, preds: np.ndarray, label_names: list[str
 
 
 def report_text(labels: np.ndarray, preds: np.ndarray, label_names: list[str]) -> str:
-    from sklearn.metrics import classification_report
-
     return classification_report(
         labels, preds, labels=list(range(len(label_names))), target_names=label_names, digits=4, zero_division=0
     )
@@ -90,8 +120,6 @@ def report_text(labels: np.ndarray, preds: np.ndarray, label_names: list[str]) -
 
 def confident_mistakes(texts: list[str], result: dict[str, np.ndarray], label_names: list[str], k: int = 10):
     """The ``k`` wrong predictions the model was surest of, as a DataFrame."""
-    import pandas as pd
-
     wrong = np.flatnonzero(result["preds"] != result["labels"])
     conf = result["probs"][wrong, result["preds"][wrong]]
     top = wrong[np.argsort(-conf)[:k]]
@@ -106,10 +134,6 @@ def confident_mistakes(texts: list[str], result: dict[str, np.ndarray], label_na
 
 
 def library_versions() -> dict[str, str]:
-    import datasets
-    import sklearn
-    import transformers
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -120,26 +144,23 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a run's best model.pt on the test split; write metrics.json and classification_report.txt."""
-    import json
-    from pathlib import Path
+def evaluate_run(cfg: Config, run_dir: str | Path, data: Data, device: torch.device | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run's best model.pt on the test split; write metrics.json and classification_report.txt
+    (and, with ``baseline``, fit the TF-IDF baseline, save it and score the ensemble). Holds the run's lock."""
+    with run_lock(run_dir):
+        return _evaluate_run(cfg, Path(run_dir), data, device, progress)
 
-    from hybridlib.checkpoint import atomic_write
-    from hybridlib.prediction import load_model
-    from hybridlib.runtime import apply_num_threads, resolve_device, resolve_precision
-    from hybridlib.training import load_history
 
-    apply_num_threads(cfg.num_threads)
-    run_dir = Path(run_dir)
+def _evaluate_run(cfg: Config, run_dir: Path, data: Data, device: torch.device | None, progress: bool) -> dict[str, Any]:
     device = device or resolve_device(cfg.device)
-    model, ckpt = load_model(run_dir / "model.pt", device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
+    threads = CPUThreads(cfg.num_threads, device)
+    model, ckpt = load_model(run_dir / MODEL_FILE, device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
     amp = resolve_precision(cfg.precision, device)
-    test = evaluate_split(model, data.splits["test"], cfg, data.pad_id, device, amp, progress)
+    test = evaluate_split(model, data.splits["test"], cfg, data.pad_id, device, amp, progress, threads)
     m = compute_metrics(test["labels"], test["preds"], data.label_names)
-    history = load_history(run_dir) if (run_dir / "training_log.csv").exists() else []
-    from hybridlib.model import count_parameters
-
+    history = read_history(run_dir)
+    train_info = read_json(run_dir / TRAIN_INFO_FILE) if (run_dir / TRAIN_INFO_FILE).is_file() else {}
     metrics = {
         "run_name": run_dir.name,
         "dataset": cfg.dataset,
@@ -150,8 +171,7 @@ def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict
         "epochs_run": len(history),
         "train_seconds": float(sum(r["seconds"] for r in history)),
         "num_parameters": count_parameters(model),
-        **({"train_" + k: v for k, v in json.loads((run_dir / "train_info.json").read_text()).items()}
-           if (run_dir / "train_info.json").is_file() else {}),
+        **{"train_" + k: v for k, v in train_info.items()},
         "num_train": len(data.splits["train"]),
         "num_validation": len(data.splits["validation"]),
         "num_test": len(data.splits["test"]),
@@ -162,50 +182,41 @@ def evaluate_run(cfg, run_dir, data, device=None, progress: bool = True) -> dict
         "versions": library_versions(),
     }
     if cfg.baseline:
-        from hybridlib.baselines import TFIDF_FILE, ensemble, save_tfidf_logreg, tfidf_logreg
-
         summary, base_probs, pipe = tfidf_logreg(data, seed=cfg.seed)
         save_tfidf_logreg(pipe, run_dir / TFIDF_FILE)  # Predictor.from_run(run, ensemble=True) serves the mix
         metrics["baselines"] = {"tfidf_logreg": summary}
-        val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, device, amp, progress)
+        val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, device, amp, progress, threads)
         metrics["ensembles"] = {"model+tfidf_logreg": ensemble(
             {"validation": val["probs"], "test": test["probs"]}, base_probs,
             {"validation": val["labels"], "test": test["labels"]})}
-    atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    write_json(run_dir / METRICS_FILE, metrics)
     report = report_text(test["labels"], test["preds"], data.label_names)
-    atomic_write(run_dir / "classification_report.txt", lambda tmp: Path(tmp).write_text(report))
+    write_text(run_dir / REPORT_FILE, report)
     return {"metrics": metrics, "report": report, "test": test}
 
 
-def evaluate_checkpoint(path, split: str = "test", overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: dict[str, Any] | None = None,
+                        progress: bool = True) -> dict[str, Any]:
     """Metrics of a saved model on a split of its dataset (or of another, via ``overrides``)."""
-    from pathlib import Path
-
-    from hybridlib.checkpoint import check_compatible, load_checkpoint
-    from hybridlib.config import config_from_dict, validate
-    from hybridlib.data import load_tokenizer, prepare_data
-    from hybridlib.errors import ConfigError
-    from hybridlib.prediction import load_model
-    from hybridlib.runtime import apply_num_threads, resolve_device, resolve_precision
-
     if split not in ("train", "validation", "test"):
         raise ConfigError(f"--split must be train, validation or test, got {split!r}.")
     path = Path(path)
     ckpt = load_checkpoint(path)
-    values = dict(ckpt["config"])
+    values = checkpoint_config(ckpt).group("data", "model")
     overrides = validate(overrides or {}, source="-p")
     if overrides.get("dataset", values["dataset"]) != values["dataset"] and "data_dir" not in overrides:
         values["data_dir"] = None  # another dataset: don't read the training data's folder
-    values.update(overrides, resume=False)
-    cfg = config_from_dict(values)
-    apply_num_threads(overrides.get("num_threads"))  # not the training machine's setting stored in the checkpoint
-    local_tok = path.parent / "tokenizer"
+    cfg = config_from_dict({**values, **overrides})
+    device = resolve_device(cfg.device)
+    threads = CPUThreads(cfg.num_threads, device)
+    local_tok = path.parent / TOKENIZER_DIR
     tok = load_tokenizer(str(local_tok) if local_tok.is_dir() and "tokenizer" not in overrides else cfg.tokenizer)
     check_compatible(ckpt, vocab_size=len(tok))  # before tokenizing a whole dataset with the wrong tokenizer
     data = prepare_data(cfg, tok)
-    device = resolve_device(cfg.device)
-    model, _ = load_model(path, device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
-    res = evaluate_split(model, data.splits[split], cfg, data.pad_id, device, resolve_precision(cfg.precision, device), progress)
+    check_compatible(ckpt, num_classes=len(data.label_names))
+    model = model_from_checkpoint(ckpt, device)
+    res = evaluate_split(model, data.splits[split], cfg, data.pad_id, device, resolve_precision(cfg.precision, device),
+                         progress, threads)
     m = compute_metrics(res["labels"], res["preds"], data.label_names)
     m.update(split=split, dataset=cfg.dataset, num_examples=int(len(res["labels"])), checkpoint=str(path))
     return {"metrics": m, "report": report_text(res["labels"], res["preds"], data.label_names)}
@@ -213,9 +224,6 @@ def evaluate_checkpoint(path, split: str = "test", overrides: dict[str, Any] | N
 
 def metrics_table(metrics: dict[str, Any]):
     """Headline numbers and per-class scores of a metrics dict as DataFrames (for notebooks)."""
-    import pandas as pd
-    from IPython.display import display
-
     head = pd.Series({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch",
                                               "train_seconds", "num_parameters") if k in metrics}, name="value")
     display(head.to_frame())
@@ -224,8 +232,6 @@ def metrics_table(metrics: dict[str, Any]):
 
 def baseline_table(metrics: dict[str, Any]):
     """The model beside the classic baselines fitted on the same split (rows), as a DataFrame."""
-    import pandas as pd
-
     rows = [{
         "model": "+".join(metrics["params"]["branches"]),
         "val_accuracy": metrics["best_val_accuracy"],

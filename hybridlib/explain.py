@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+from hybridlib.errors import DataError
+from hybridlib.tokens import special_tokens
+
 METHODS = ("gradient", "occlusion")
 
 
@@ -26,8 +29,6 @@ def _target_index(predictor, target, probs: torch.Tensor) -> int:
         return int(probs.argmax())
     if isinstance(target, str):
         if target not in predictor.label_names:
-            from hybridlib.errors import DataError
-
             raise DataError(f"explain(target={target!r}): not a class of this model ({predictor.label_names}).")
         return predictor.label_names.index(target)
     return int(target)
@@ -36,8 +37,6 @@ def _target_index(predictor, target, probs: torch.Tensor) -> int:
 def _encode_with_spans(predictor, text: str) -> tuple[list[int], list[tuple[int, int] | None], list[int | None], bool]:
     """The ids the model reads for ``text`` (as Predictor.encode), each token's character span in
     ``text`` (None for special tokens) and word index; and whether tokens were cut."""
-    from hybridlib.data import special_tokens
-
     tok = predictor.tokenizer
     short, cut, shift = predictor._shorten(text)
     enc = tok(short, add_special_tokens=False, return_offsets_mapping=True)
@@ -105,12 +104,8 @@ def explain(predictor, text: str, method: str = "gradient", target: str | int | 
     (True when the model did not read the whole text).
     """
     if not isinstance(text, str):
-        from hybridlib.errors import DataError
-
         raise DataError("explain() takes one string.")
     if method not in METHODS:
-        from hybridlib.errors import DataError
-
         raise DataError(f"explain(method={method!r}): use one of {METHODS}.")
     ids, spans, word_ids, truncated = _encode_with_spans(predictor, text)
     batch, mask = predictor.batch_tensors([ids])

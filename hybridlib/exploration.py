@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hybridlib.artifacts import LENGTHS_FILE
 from hybridlib.data import Data
 from hybridlib.plots import plot_length_distribution
 
@@ -49,5 +50,5 @@ def length_summary(data: Data, max_length: int) -> pd.DataFrame:
 
 def plot_lengths(data: Data, cfg, run_dir: str | Path | None = None):
     """Histogram of training-text lengths against max_length; saved as token_lengths.png in the run."""
-    path = Path(run_dir) / "token_lengths.png" if run_dir and Path(run_dir).is_dir() else None
+    path = Path(run_dir) / LENGTHS_FILE if run_dir and Path(run_dir).is_dir() else None
     return plot_length_distribution(data.splits["train"]["full_length"], cfg.max_length, path)

@@ -6,40 +6,25 @@ masked max-over-time] → concat → dropout → MLP → logits.
 Padding never reaches the pooled features: pad embeddings are zeroed, the backward LSTM reads
 each sequence's real tokens reversed in place (pads stay at the end, so they are read after
 every real token and change nothing that is pooled), pooling masks pad positions, and the CNN
-only pools windows that start at or before ``max(length - k, 0)``. Packed sequences would do
-the same for the LSTM but measured about 2x slower on CPU.
+only pools windows that start at or before ``max(length - k, 0)``. (Packed sequences would do the
+same for the LSTM but have no oneDNN path on CPU.)
+
+On CUDA the BiLSTM runs as one cuDNN bidirectional call over packed sequences instead, with the same
+parameters (``lstm.fwd.i`` / ``lstm.bwd.i``), so checkpoints move between the two paths unchanged; and
+outside autocast (fp32, TF32 tensor cores): ``hybridlib.runtime.lstm_path`` and ``lstm_autocast``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from hybridlib.config import Config
-from hybridlib.errors import ConfigError
+from hybridlib.runtime import lstm_autocast, lstm_path
 
-_side_thread: ThreadPoolExecutor | None = None  # runs the CNN branch beside the LSTM, see features()
-
-
-def _side() -> ThreadPoolExecutor:
-    global _side_thread
-    if _side_thread is None:
-        _side_thread = ThreadPoolExecutor(1, thread_name_prefix="hybridlib-cnn")
-    return _side_thread
-
-
-def _forget_side_thread() -> None:  # a forked child has no copy of the thread: start a new one there
-    global _side_thread
-    _side_thread = None
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_forget_side_thread)
+_LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -53,7 +38,15 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class BiLSTMBranch(nn.Module):
-    """Stacked bidirectional LSTM built from one-directional LSTMs, so padding is never read first."""
+    """Stacked bidirectional LSTM built from one-directional LSTMs, so padding is never read first.
+
+    Two implementations of the same function over the same parameters (``path``; None: by device, see
+    :func:`hybridlib.runtime.lstm_path`): "padded", the one-directional LSTMs ``fwd[i]`` and ``bwd[i]`` over the
+    padded batch, ``bwd`` on each text reversed in place (oneDNN, CPU); "packed", one bidirectional LSTM call
+    over packed sequences with the weights of ``fwd[i]`` and ``bwd[i]`` as its two directions (cuDNN, CUDA: one
+    kernel sequence instead of two LSTMs and four gathers). On CUDA, where :func:`hybridlib.runtime.lstm_autocast`
+    says so, the LSTM runs outside the surrounding autocast, in fp32.
+    """
 
     def __init__(self, input_dim: int, hidden: int, layers: int, pooling: str, dropout: float):
         super().__init__()
@@ -65,22 +58,93 @@ class BiLSTMBranch(nn.Module):
             self.fwd.append(nn.LSTM(d_in, hidden, batch_first=True))
             self.bwd.append(nn.LSTM(d_in, hidden, batch_first=True))
         self.between = nn.Dropout(dropout)
-        self.out_dim = 2 * hidden * (2 if pooling == "both" else 1)
+        self.out_dim = 2 * hidden
+        self.path: str | None = None  # "padded" | "packed" forces one; None: lstm_path(device type)
+        self._cudnn_layout: tuple | None = None  # (path, weight pointers) the weights were last packed for on CUDA
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def resolved_path(self, device_type: str) -> str:
+        return self.path or lstm_path(device_type)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+                host_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features (B, 2H). ``host_lengths``: ``lengths`` on the CPU, if the caller has them (the packed
+        path needs them there; without them it copies ``lengths``, which waits for the GPU)."""
+        device_type = x.device.type
+        path = self.resolved_path(device_type)
+        if device_type == "cuda":
+            self._use_cudnn_layout(path)
+        if torch.is_autocast_enabled(device_type) and not lstm_autocast(
+                device_type, torch.get_autocast_dtype(device_type)):
+            with torch.autocast(device_type, enabled=False):
+                x = self._packed(x.float(), lengths, host_lengths) if path == "packed" else self._padded(x.float(), lengths)
+        else:
+            x = self._packed(x, lengths, host_lengths) if path == "packed" else self._padded(x, lengths)
+        m = mask.unsqueeze(-1)
+        if self.pooling == "max":
+            return x.masked_fill(~m, float("-inf")).amax(dim=1)
+        return (x * m).sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(x.dtype)
+
+    def _padded(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         for i, (fwd, bwd) in enumerate(zip(self.fwd, self.bwd)):
             if i > 0:
                 x = self.between(x)
             out_f, _ = fwd(x)
             out_b, _ = bwd(reverse_padded(x, lengths))
             x = torch.cat([out_f, reverse_padded(out_b, lengths)], dim=-1)
-        m = mask.unsqueeze(-1)
-        pooled = []
-        if self.pooling in ("max", "both"):
-            pooled.append(x.masked_fill(~m, float("-inf")).amax(dim=1))
-        if self.pooling in ("mean", "both"):
-            pooled.append((x * m).sum(dim=1) / lengths.clamp(min=1).unsqueeze(1).to(x.dtype))
-        return torch.cat(pooled, dim=-1)
+        return x
+
+    def packed_weights(self) -> list[torch.Tensor]:
+        """The weights in the order of a bidirectional ``nn.LSTM``'s ``_flat_weights``: per layer, the forward
+        direction's (w_ih, w_hh, b_ih, b_hh), then the backward one's."""
+        return [getattr(m, name) for f, b in zip(self.fwd, self.bwd) for m in (f, b) for name in _LSTM_WEIGHTS]
+
+    def _packed(self, x: torch.Tensor, lengths: torch.Tensor, host_lengths: torch.Tensor | None) -> torch.Tensor:
+        B, T = x.shape[:2]
+        lens = (host_lengths if host_lengths is not None else lengths).to("cpu", torch.int64)
+        # a text of no tokens (its mask all False) still reads one (zero) step; pooling masks it out, as on "padded"
+        packed = pack_padded_sequence(x, lens.clamp(min=1), batch_first=True, enforce_sorted=False)
+        layers, hidden = len(self.fwd), self.fwd[0].hidden_size
+        h0 = x.new_zeros(2 * layers, B, hidden)
+        out, _, _ = torch._VF.lstm(packed.data, packed.batch_sizes, (h0, h0), self.packed_weights(), True, layers,
+                                   self.between.p, self.training, True)
+        out = PackedSequence(out, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        return pad_packed_sequence(out, batch_first=True, total_length=T)[0]
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda(): lay the weights out for cuDNN before DDP sees them
+        out = super()._apply(fn, recurse)
+        if self.fwd[0].weight_ih_l0.is_cuda:
+            self._use_cudnn_layout(self.resolved_path("cuda"))
+        return out
+
+    def _use_cudnn_layout(self, path: str) -> None:
+        """CUDA: keep the weights where cuDNN reads them without a copy: both directions of all layers in one
+        block for "packed", each ``nn.LSTM``'s own block for "padded". A move (``.to``), a deep copy or an
+        ``nn.LSTM.flatten_parameters()`` call changes the pointers, which are checked here at each call."""
+        weights = self.packed_weights()
+        key = (path, tuple(w.data_ptr() for w in weights))
+        if key == self._cudnn_layout:
+            return
+        with torch.inference_mode(False):  # the new weight block must be a normal tensor, even when called for eval
+            if path == "padded":
+                for m in (*self.fwd, *self.bwd):
+                    m.flatten_parameters()
+            else:
+                flatten_bidirectional(weights, self.fwd[0].input_size, self.fwd[0].hidden_size, len(self.fwd))
+        self._cudnn_layout = (path, tuple(w.data_ptr() for w in weights))
+
+
+def flatten_bidirectional(weights: list[torch.Tensor], input_size: int, hidden: int, layers: int) -> None:
+    """Place ``weights`` (a bidirectional LSTM's, in ``_flat_weights`` order) in one cuDNN weight block, in place,
+    as ``nn.LSTM.flatten_parameters`` does for its own; a no-op where cuDNN cannot take them (then each call copies)."""
+    if not all(w.is_cuda and w.dtype == weights[0].dtype and torch.backends.cudnn.is_acceptable(w) for w in weights):
+        return
+    if len({w.data_ptr() for w in weights}) != len(weights) or not torch._use_cudnn_rnn_flatten_weight():
+        return
+    import torch.backends.cudnn.rnn as cudnn_rnn
+
+    with torch.cuda.device_of(weights[0]), torch.no_grad():
+        torch._cudnn_rnn_flatten_weight(weights, 4, input_size, cudnn_rnn.get_cudnn_mode("LSTM"), hidden, 0, layers,
+                                        True, True)
 
 
 class CNNBranch(nn.Module):
@@ -119,8 +183,6 @@ class HybridClassifier(nn.Module):
         )
         self.cnn = CNNBranch(cfg.embed_dim, cfg.cnn_kernel_sizes, cfg.cnn_filters) if "cnn" in cfg.branches else None
         feat_dim = (self.lstm.out_dim if self.lstm else 0) + (self.cnn.out_dim if self.cnn else 0)
-        self.lstm_norm = nn.LayerNorm(self.lstm.out_dim) if cfg.branch_norm and self.lstm else nn.Identity()
-        self.cnn_norm = nn.LayerNorm(self.cnn.out_dim) if cfg.branch_norm and self.cnn else nn.Identity()
         if cfg.mlp_hidden > 0:
             self.head = nn.Sequential(
                 nn.Dropout(cfg.dropout),
@@ -139,95 +201,51 @@ class HybridClassifier(nn.Module):
             if cfg.branch_aux_loss > 0 and self.lstm is not None and self.cnn is not None else {}
         )
 
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(token vectors (B, T, E) with pads zeroed and word dropout applied, mask (B, T), lengths (B,))."""
+        if attention_mask is None:
+            attention_mask = input_ids.ne(self.pad_id)
+        mask = attention_mask.bool()
+        keep = mask.unsqueeze(-1).to(self.embedding.weight.dtype)
+        if self.training and self.embed_dropout > 0:
+            keep = F.dropout(keep, self.embed_dropout)  # word dropout: whole token vectors
+        return self.embedding(input_ids) * keep, mask, mask.sum(dim=1)
+
+    def branch_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        host_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each branch's pooled features, {"lstm": (B, D1), "cnn": (B, D2)} (the branches in use, in concat order).
+        ``host_lengths``: the texts' lengths on the CPU, if known (saves the packed LSTM path a GPU wait)."""
+        x, mask, lengths = self.embed(input_ids, attention_mask)
+        parts = {}
+        if self.lstm is not None:
+            parts["lstm"] = self.lstm(x, mask, lengths, host_lengths)
+        if self.cnn is not None:
+            parts["cnn"] = self.cnn(x, mask, lengths)
+        return parts
+
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The concatenated pooled branch features (before dropout and the MLP)."""
         return torch.cat(list(self.branch_features(input_ids, attention_mask).values()), dim=-1)
 
-    def branch_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Each branch's pooled features, {"lstm": (B, D1), "cnn": (B, D2)} (the branches in use, in concat order)."""
-        if attention_mask is None:
-            attention_mask = input_ids.ne(self.pad_id)
-        mask = attention_mask.bool()
-        lengths = mask.sum(dim=1)
-        keep = mask.unsqueeze(-1).to(self.embedding.weight.dtype)
-        if self.training and self.embed_dropout > 0:
-            # word-level dropout: drop whole token vectors (cheaper than per element, regularises more)
-            keep = F.dropout(keep, self.embed_dropout)
-        x = self.embedding(input_ids) * keep
+    def classify(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C) of the joint head from the branch features."""
+        return self.head(torch.cat(list(parts.values()), dim=-1))
 
-        def cnn() -> torch.Tensor:
-            return self.cnn_norm(self.cnn(x, mask, lengths))
-
-        cnn_beside = None
-        if self.lstm is not None and self.cnn is not None and self._cnn_beside_lstm(x):
-            # Inference on one CPU thread (Predictor on a few texts) leaves the other cores idle: run the
-            # CNN branch on a second thread meanwhile. Same numbers; one IMDB review's predict latency
-            # p50 10.0 -> 7.4 ms on 2 idle cores, unchanged when the cores are busy.
-            inference = torch.is_inference_mode_enabled()
-
-            def cnn_on_side_thread() -> torch.Tensor:
-                torch.set_num_threads(1)  # this thread's own OpenMP setting, as the caller's
-                with torch.no_grad(), torch.inference_mode(inference):
-                    return cnn()
-
-            cnn_beside = _side().submit(cnn_on_side_thread)
-        parts = {}
-        if self.lstm is not None:
-            parts["lstm"] = self.lstm_norm(self.lstm(x, mask, lengths))
-        if self.cnn is not None:
-            parts["cnn"] = cnn_beside.result() if cnn_beside is not None else cnn()
-        return parts
-
-    @staticmethod
-    def _cnn_beside_lstm(x: torch.Tensor) -> bool:
-        """Run the branches concurrently? Only without autograd, on a CPU, when torch uses one thread
-        and there is a second core; not under torch.distributed, whose ranks already share the cores."""
-        return (
-            not torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and torch.get_num_threads() == 1
-            and (os.cpu_count() or 1) > 1
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        )
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_aux: bool = False):
-        """Logits (B, C); with ``with_aux``, (logits, {branch: logits of its auxiliary head}) ({} without them)."""
-        parts = self.branch_features(input_ids, attention_mask)
-        logits = self.head(torch.cat(list(parts.values()), dim=-1))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_aux: bool = False,
+                host_lengths: torch.Tensor | None = None):
+        """Logits (B, C); with ``with_aux``, (logits, {branch: logits of its auxiliary head}) ({} without them).
+        ``host_lengths``: as in :meth:`branch_features`."""
+        parts = self.branch_features(input_ids, attention_mask, host_lengths)
+        logits = self.classify(parts)
         if not with_aux:
             return logits
         return logits, {name: head(parts[name]) for name, head in self.aux_heads.items()}
 
 
-def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0, data=None) -> HybridClassifier:
-    """The model of ``cfg``; ``data`` (a hybridlib.data.Data) is needed only by ``pretrained_embeddings: ppmi``
-    and ``unseen_embeddings: zero``, which read the training split."""
-    model = HybridClassifier(cfg, vocab_size, num_classes, pad_id)
-    if cfg.pretrained_embeddings == "ppmi":
-        from hybridlib.embeddings import init_from_training_texts
-
-        if data is None:
-            raise ConfigError("pretrained_embeddings: ppmi is computed from the training split: pass data= to build_model.")
-        init_from_training_texts(model.embedding, data.splits["train"]["input_ids"],
-                                 skip=data.tokenizer.all_special_ids, seed=cfg.seed)
-    elif cfg.pretrained_embeddings:
-        from hybridlib.embeddings import load_pretrained_embeddings
-
-        load_pretrained_embeddings(model.embedding, cfg.pretrained_embeddings)
-    if cfg.unseen_embeddings == "zero":
-        from hybridlib.embeddings import zero_unseen_rows
-
-        if data is None:
-            raise ConfigError("unseen_embeddings: zero needs the training split to know which tokens it has: pass data= to build_model.")
-        zero_unseen_rows(model.embedding, data.splits["train"]["input_ids"])
-    model.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
-    return model
-
-
-def for_loading(cfg: Config) -> Config:
-    """``cfg`` without the initialisations that read data or files: the weights will come from a checkpoint."""
-    return dataclasses.replace(cfg, pretrained_embeddings=None, unseen_embeddings="random")
+def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0) -> HybridClassifier:
+    """The architecture of ``cfg`` (its model group), randomly initialised."""
+    return HybridClassifier(cfg, vocab_size, num_classes, pad_id)
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for p in model.parameters())

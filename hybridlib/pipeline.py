@@ -1,14 +1,49 @@
-"""Execute the numbered notebooks with papermill into one run folder."""
+"""Runs end to end: validate params and create the run folder, then execute the numbered notebooks with
+papermill into it (``run``, ``resume``); or train it under torchrun (``train_distributed``).
+
+The pipeline holds the run's lock (:func:`hybridlib.artifacts.run_lock`) while it runs; the notebook kernels it
+starts write under it. Ctrl-C interrupts the running kernel, shuts it down and raises :class:`Interrupted`, whose
+message says where the run stands and how to resume it. Executed notebooks are written atomically.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import papermill as pm
+import torch
+from jupyter_client.manager import AsyncKernelManager
+from papermill.exceptions import PapermillExecutionError
+from papermill.iorw import LocalHandler, papermill_io
+
+from hybridlib.artifacts import (
+    LAST_FILE,
+    MODEL_FILE,
+    PARAMS_FILE,
+    check_run_dir,
+    create_run_dir,
+    default_run_name,
+    disk_full_errors,
+    format_bytes,
+    free_bytes,
+    outputs_root,
+    project_root,
+    read_history,
+    resolve_paths,
+    run_lock,
+    write_text,
+)
 from hybridlib.config import Config, load_config, read_params_file, save_config, validate
+from hybridlib.data import Data, preflight, prepare_data
+from hybridlib.distributed import check_world, process_group
 from hybridlib.errors import HybridlibError, RunError
-from hybridlib.runs import create_run_dir, default_run_name, outputs_root, project_root, resolve_paths
+from hybridlib.runtime import dist_info
+from hybridlib.training import TrainResult, fit, train
 
 NOTEBOOKS = [
     "01_data_exploration.ipynb",
@@ -34,46 +69,145 @@ def prepare_run(
     file_paths = resolve_paths({k: v for k, v in values.items() if k not in (overrides or {})}, project_root())
     cli_paths = resolve_paths({k: v for k, v in values.items() if k in (overrides or {})}, cwd)
     cfg = load_config(None, {**file_paths, **cli_paths})
-    from hybridlib.data import preflight
-
     preflight(cfg)  # a missing dataset/tokenizer fails here, before a run folder exists
     root = Path(outputs) if outputs else outputs_root()
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else root / (run_name or default_run_name(cfg))
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else root / (run_name or default_run_name(cfg, root))
     create_run_dir(run_dir.resolve())
     cfg.run_dir = str(run_dir.resolve())
-    save_config(cfg, run_dir / "params.yaml")
+    with disk_full_errors(run_dir / PARAMS_FILE):
+        save_config(cfg, run_dir / PARAMS_FILE)
     return cfg, run_dir.resolve()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says where the run stands and how to continue it."""
 
 
 def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Path | None = None,
             extra: dict[str, Any] | None = None, progress: bool = True) -> None:
-    """Run each notebook with ``params_file=<run>/params.yaml``, saving the executed copy in the run."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
+    """Run each notebook with ``params_file=<run>/params.yaml``, saving the executed copy in the run.
+    Ctrl-C: the kernel is interrupted and shut down, then :class:`Interrupted` is raised."""
     nb_dir = notebooks_dir or project_root() / "notebooks"
-    for name in notebooks or NOTEBOOKS:
-        src = nb_dir / name
-        if not src.is_file():
-            raise RunError(f"Notebook {src} not found; run from the project folder or pass --notebooks DIR.")
-        print(f"[hybridlib] {name} -> {run_dir / name}", file=sys.stderr, flush=True)
+    _write_notebooks_atomically(run_dir)
+    with _CtrlC() as ctrl_c:
+        for name in notebooks or NOTEBOOKS:
+            src = nb_dir / name
+            if not src.is_file():
+                raise RunError(f"Notebook {src} not found; run from the project folder or pass --notebooks DIR.")
+            print(f"[hybridlib] {name} -> {run_dir / name}", file=sys.stderr, flush=True)
+            try:
+                pm.execute_notebook(
+                    str(src),
+                    str(run_dir / name),
+                    parameters={"params_file": str(run_dir / PARAMS_FILE), "run_dir": str(run_dir), **(extra or {})},
+                    cwd=str(nb_dir),
+                    progress_bar=progress,
+                    kernel_name="python3",
+                    kernel_manager_class=_KernelManager,
+                    on_cell_execute=ctrl_c.before_cell,
+                )
+            except PapermillExecutionError as e:
+                if ctrl_c.pressed or e.ename == "KeyboardInterrupt":
+                    raise Interrupted(interrupted_message(run_dir, name)) from None
+                raise notebook_error(e, name, run_dir) from None
+            except (Exception, KeyboardInterrupt) as e:
+                if ctrl_c.pressed or isinstance(e, KeyboardInterrupt):
+                    raise Interrupted(interrupted_message(run_dir, name)) from None
+                raise
+            finally:
+                _KernelManager.latest = None
+
+
+def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunError:
+    """The RunError for a notebook that stopped with an exception (a hybridlib error: its own message)."""
+    kind = e.ename
+    if kind in {c.__name__ for c in _user_errors()}:
+        return RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name})")
+    if kind == "OSError" and "No space left" in e.evalue:
+        return RunError(
+            f"{name} stopped: the disk holding {run_dir} is full ({e.evalue}); {format_bytes(free_bytes(run_dir))} "
+            f"is free now. The files already there are intact. Free some space, then continue the run with: "
+            f"hybridlib run --resume {run_dir}")
+    return RunError(
+        f"{name} failed with {kind}: {e.evalue}. The executed notebook with the full traceback is "
+        f"{run_dir / name}; fix the cause and continue with `hybridlib run --resume {run_dir}`."
+    )
+
+
+def interrupted_message(run_dir: Path, name: str) -> str:
+    """One line: where an interrupted run stands (its last finished epoch) and the command that continues it."""
+    history = read_history(run_dir) if (run_dir / LAST_FILE).is_file() else []
+    if history:
+        stands = f"has finished epoch {int(history[-1]['epoch'])} (saved in {LAST_FILE}); resume with"
+    else:
+        stands = "has no finished epoch yet; start its training again with"
+    return f"Interrupted in {name}: {run_dir} {stands}: hybridlib run --resume {run_dir}"
+
+
+class _KernelManager(AsyncKernelManager):
+    """papermill's kernel manager, remembered so that Ctrl-C can interrupt the kernel it started."""
+
+    latest: ClassVar[AsyncKernelManager | None] = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _KernelManager.latest = self
+
+
+class _CtrlC:
+    """SIGINT while the notebooks run. The first Ctrl-C interrupts the kernel (jupyter_client starts it in a
+    session of its own, so the terminal's Ctrl-C does not reach it): its cell stops with KeyboardInterrupt,
+    finally blocks run (no half-written file), papermill saves the notebook and shuts the idle kernel down.
+    Between cells, with no kernel, or at a second Ctrl-C: KeyboardInterrupt here (nbclient then shuts the kernel
+    down, killing it if it does not stop)."""
+
+    def __init__(self) -> None:
+        self.pressed = 0
+        self.saved: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.saved = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            signal.signal(signal.SIGINT, self.saved)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.pressed += 1
+        km = _KernelManager.latest
+        pid = getattr(km.provisioner, "pid", None) if km is not None and km.has_kernel else None
+        if self.pressed > 1 or pid is None:
+            raise KeyboardInterrupt
         try:
-            pm.execute_notebook(
-                str(src),
-                str(run_dir / name),
-                parameters={"params_file": str(run_dir / "params.yaml"), "run_dir": str(run_dir), **(extra or {})},
-                cwd=str(nb_dir),
-                progress_bar=progress,
-                kernel_name="python3",
-            )
-        except PapermillExecutionError as e:
-            kind = e.ename
-            if kind in {c.__name__ for c in _user_errors()}:
-                raise RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name})") from None
-            raise RunError(
-                f"{name} failed with {kind}: {e.evalue}. The executed notebook with the full traceback is "
-                f"{run_dir / name}; fix the cause and continue with `hybridlib run --resume {run_dir}`."
-            ) from None
+            os.killpg(pid, signal.SIGINT)  # the kernel leads its own process group (with any DDP workers)
+        except OSError:
+            raise KeyboardInterrupt from None
+
+    def before_cell(self, **_: Any) -> None:
+        """nbclient's on_cell_execute hook: no cell starts after a Ctrl-C."""
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
+class _NotebookWriter(LocalHandler):
+    """papermill's local file handler, writing the executed notebooks atomically: a full disk raises the RunError
+    of :func:`hybridlib.artifacts.atomic_write` and leaves the previous copy intact."""
+
+    def write(self, buf: str, path: str) -> None:
+        write_text(path, buf)
+
+
+_ATOMIC_PREFIXES: set[str] = set()
+
+
+def _write_notebooks_atomically(run_dir: Path) -> None:
+    """Make papermill write notebooks under ``run_dir`` with :class:`_NotebookWriter` (its handlers match by prefix)."""
+    prefix = f"{run_dir}{os.sep}"
+    if prefix not in _ATOMIC_PREFIXES:
+        papermill_io.register(prefix, _NotebookWriter())
+        _ATOMIC_PREFIXES.add(prefix)
 
 
 def _user_errors() -> list[type]:
@@ -88,17 +222,71 @@ def _user_errors() -> list[type]:
 def run(params_file, overrides=None, run_name=None, outputs=None, notebooks_dir=None, progress=True) -> Path:
     """Validate params, create ``outputs/<run_name>/`` and execute the notebooks into it."""
     cfg, run_dir = prepare_run(params_file, overrides, run_name, outputs)
-    execute(run_dir, notebooks_dir=notebooks_dir, progress=progress)
+    with run_lock(run_dir):
+        execute(run_dir, notebooks_dir=notebooks_dir, progress=progress)
     return run_dir
 
 
 def resume(run_dir: str | Path, notebooks_dir=None, progress=True) -> Path:
     """Continue an interrupted run from its last.pt and re-execute its notebooks."""
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / "params.yaml").is_file():
-        raise RunError(f"{run_dir} is not a hybridlib run (no params.yaml); pass a folder under outputs/.")
-    resuming = (run_dir / "last.pt").is_file()
-    if not resuming and (run_dir / "model.pt").is_file():
-        raise RunError(f"{run_dir} has a model.pt but no last.pt; it cannot be resumed.")
-    execute(run_dir, notebooks_dir=notebooks_dir, extra={"resume": resuming}, progress=progress)
+    if not (run_dir / PARAMS_FILE).is_file():
+        raise RunError(f"{run_dir} is not a hybridlib run (no {PARAMS_FILE}); pass a folder under outputs/.")
+    with run_lock(run_dir):  # before looking at its files: another process may be writing them
+        resuming = (run_dir / LAST_FILE).is_file()
+        if not resuming and (run_dir / MODEL_FILE).is_file():
+            raise RunError(f"{run_dir} has a {MODEL_FILE} but no {LAST_FILE}; it cannot be resumed.")
+        execute(run_dir, notebooks_dir=notebooks_dir, extra={"resume": resuming}, progress=progress)
     return run_dir
+
+
+# ----------------------------------------------------------------------------- training only (torchrun)
+
+
+def train_only(params_file: str | Path, overrides: dict[str, Any] | None = None, run_name: str | None = None,
+               outputs: str | Path | None = None) -> tuple[TrainResult | None, Path]:
+    """Train (no notebooks) a new run, or the run whose params.yaml is given; under torchrun (RANK set) as one
+    rank of the job, else on ``num_processes`` processes of this machine. Returns (rank 0's result, run folder)."""
+    if "RANK" not in os.environ:
+        cfg, run_dir = _train_setup(params_file, overrides, run_name, outputs)
+        return fit(cfg, run_dir), run_dir
+    device = load_config(params_file, overrides).device
+    with process_group(device) as dist:
+        box: list[Any] = [None]
+        if dist.is_main:
+            try:
+                box[0] = _train_setup(params_file, overrides, run_name, outputs)
+            except HybridlibError as e:
+                box[0] = e
+        torch.distributed.broadcast_object_list(box, src=0)  # every rank: the same config and folder
+        if isinstance(box[0], Exception):
+            raise box[0]
+        cfg, run_dir = box[0]
+        check_world(cfg, dist.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
+        result = train(cfg, run_dir, prepare_data_once(cfg), progress=dist.is_main)
+    return (result if dist.is_main else None), Path(run_dir)
+
+
+def _train_setup(params_file, overrides, run_name, outputs) -> tuple[Config, Path]:
+    """Rank 0: the run's Config and folder, new (params.yaml written) or an existing run's."""
+    given = load_config(params_file, overrides)
+    if given.run_dir and (Path(given.run_dir) / PARAMS_FILE).is_file():  # e.g. outputs/RUN/params.yaml
+        given.run_dir = str(Path(given.run_dir).resolve())
+        cfg, run_dir = given, Path(given.run_dir)
+    else:
+        cfg, run_dir = prepare_run(params_file, overrides, run_name, outputs)
+    check_run_dir(run_dir, cfg.resume)
+    return cfg, run_dir
+
+
+def prepare_data_once(cfg: Config) -> Data:
+    """prepare_data on every rank, tokenizing once per machine: local rank 0 first, then the others
+    read the datasets cache (one cache per machine; with a shared HF_DATASETS_CACHE, rank 0 first)."""
+    dist = dist_info()
+    turn = 0 if dist.rank == 0 else 1 if dist.local_rank == 0 else 2
+    data = None
+    for t in range(3):
+        if t == turn:
+            data = prepare_data(cfg)
+        torch.distributed.barrier()
+    return data

@@ -8,6 +8,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
+from hybridlib.artifacts import CONFUSION_FILE, CURVES_FILE, LOG_FILE, METRICS_FILE, read_history, read_json
+from hybridlib.errors import RunError
+
 
 def plot_curves(history: list[dict[str, float]], path: str | Path | None = None, title: str = ""):
     """Train/validation loss and accuracy per epoch (the best epoch marked)."""
@@ -68,20 +71,15 @@ def plot_length_distribution(lengths, max_length: int, path: str | Path | None =
 
 def save_run_plots(run_dir: str | Path) -> tuple[list[Path], dict | None]:
     """Write loss_acc_curves.png (and confusion_matrix.png once metrics.json exists) for a run."""
-    import json
-
-    from hybridlib.errors import RunError
-    from hybridlib.training import load_history
-
     run_dir = Path(run_dir)
-    if not (run_dir / "training_log.csv").is_file():
-        raise RunError(f"{run_dir} has no training_log.csv: it is not a trained run (or training has not finished an epoch).")
-    written = [run_dir / "loss_acc_curves.png"]
-    plot_curves(load_history(run_dir), written[0], title=run_dir.name)
+    if not (run_dir / LOG_FILE).is_file():
+        raise RunError(f"{run_dir} has no {LOG_FILE}: it is not a trained run (or training has not finished an epoch).")
+    written = [run_dir / CURVES_FILE]
+    plot_curves(read_history(run_dir), written[0], title=run_dir.name)
     metrics = None
-    if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        written.append(run_dir / "confusion_matrix.png")
+    if (run_dir / METRICS_FILE).is_file():
+        metrics = read_json(run_dir / METRICS_FILE)
+        written.append(run_dir / CONFUSION_FILE)
         plot_confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], written[1],
                               title=f"Confusion matrix (test, accuracy {metrics['test_accuracy']:.2%})")
     plt.close("all")

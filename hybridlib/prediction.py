@@ -16,35 +16,76 @@ model would read before tokenizing, so a 1 MB text costs about as much as a shor
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from hybridlib.checkpoint import check_compatible, load_checkpoint
-from hybridlib.config import config_from_dict
-from hybridlib.data import encode_texts, load_tokenizer, special_tokens
+from hybridlib.artifacts import (
+    METRICS_FILE,
+    MODEL_FILE,
+    TFIDF_FILE,
+    TOKENIZER_DIR,
+    check_compatible,
+    checkpoint_config,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_json,
+)
+from hybridlib.baselines import load_tfidf_logreg, mix_probs, tfidf_proba
 from hybridlib.errors import CheckpointError, DataError
-from hybridlib.model import build_model, for_loading
+from hybridlib.explain import explain
+from hybridlib.model import HybridClassifier
 from hybridlib.runtime import resolve_device
+from hybridlib.threads import CPUThreads
+from hybridlib.tokens import encode_texts, load_tokenizer, special_tokens
 
 _SPACE = re.compile(r"\s")
+_side_thread: ThreadPoolExecutor | None = None  # runs the CNN branch beside the LSTM, see forward()
 
 
-def _model_from(ckpt: dict[str, Any], device: torch.device | str):
-    cfg = for_loading(config_from_dict(ckpt["config"]))
-    model = build_model(cfg, ckpt["tokenizer"]["vocab_size"], len(ckpt["label_names"]), ckpt["tokenizer"]["pad_id"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+def _side() -> ThreadPoolExecutor:
+    global _side_thread
+    if _side_thread is None:
+        _side_thread = ThreadPoolExecutor(1, thread_name_prefix="hybridlib-cnn")
+    return _side_thread
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", vocab_size: int | None = None, num_classes: int | None = None):
-    """(model in eval mode on ``device``, checkpoint dict); refuses mismatched vocab/classes."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    check_compatible(ckpt, vocab_size, num_classes)
-    return _model_from(ckpt, device), ckpt
+def _forget_side_thread() -> None:  # a forked child has no copy of the thread: start a new one there
+    global _side_thread
+    _side_thread = None
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_side_thread)
+
+
+def _branches_side_by_side(model: HybridClassifier, device: torch.device) -> bool:
+    """Run the two branches concurrently? On a CPU when torch uses one thread and there is a second core
+    (a call of a few texts would otherwise leave the other cores idle)."""
+    return (model.lstm is not None and model.cnn is not None and device.type == "cpu"
+            and torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1)
+
+
+@torch.no_grad()
+def forward(model: HybridClassifier, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's logits; on one CPU thread, its CNN branch runs on a second thread beside the BiLSTM."""
+    if not _branches_side_by_side(model, ids.device):
+        return model(ids, mask)
+    x, mask, lengths = model.embed(ids, mask)
+
+    def cnn() -> torch.Tensor:
+        torch.set_num_threads(1)  # this thread's own OpenMP setting, as the caller's
+        with torch.no_grad():
+            return model.cnn(x, mask, lengths)
+
+    beside = _side().submit(cnn)
+    return model.classify({"lstm": model.lstm(x, mask, lengths), "cnn": beside.result()})
 
 
 class Predictor:
@@ -56,7 +97,7 @@ class Predictor:
         self.device, self.batch_size, self.num_threads = device, batch_size, num_threads
         # we truncate ourselves: silence "sequence length is longer than the specified maximum"
         self.tokenizer.model_max_length = 1 << 30
-        self.cfg = config_from_dict(checkpoint["config"])
+        self.cfg = checkpoint_config(checkpoint)
         self.label_names: list[str] = list(checkpoint["label_names"])
         self.pad_id: int = int(checkpoint["tokenizer"]["pad_id"])
         prefix, suffix = special_tokens(tokenizer)
@@ -64,6 +105,7 @@ class Predictor:
         # texts longer than this many characters are cut to the parts the model reads (see _shorten)
         self._clip_chars = max(10_000, 40 * self.cfg.max_length)
         self.tfidf, self.tfidf_weight = None, 0.0  # set by use_ensemble()
+        self._auto: CPUThreads | None = None  # the thread policy of large calls (made on first use)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", tokenizer: str | None = None,
@@ -72,16 +114,16 @@ class Predictor:
 
         ``device``: "cpu" (default), "cuda", "cuda:N" or "auto". ``batch_size``: texts per forward pass.
         ``num_threads`` (CPU): torch threads while predicting; None = one thread for calls of at most
-        8 texts (interactive use: several threads only add synchronisation, and stall badly when the
-        CPU is busy), torch's setting for larger calls.
+        8 texts (interactive use: several threads only add synchronisation, and stall when the CPU is
+        busy), the automatic policy of :class:`hybridlib.threads.CPUThreads` for larger calls.
         """
         path = Path(path)
         ckpt = load_checkpoint(path, map_location="cpu")
-        local = path.parent / "tokenizer"
+        local = path.parent / TOKENIZER_DIR
         tok = load_tokenizer(tokenizer or (str(local) if local.is_dir() else ckpt["tokenizer"]["name"]))
         check_compatible(ckpt, vocab_size=len(tok))
         dev = resolve_device(device)
-        return cls(_model_from(ckpt, dev), tok, ckpt, dev, batch_size, num_threads)
+        return cls(model_from_checkpoint(ckpt, dev), tok, ckpt, dev, batch_size, num_threads)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu", batch_size: int = 64,
@@ -91,9 +133,9 @@ class Predictor:
         ``ensemble``: predict with the model + TF-IDF ensemble the run's evaluation measured (see use_ensemble).
         """
         run_dir = Path(run_dir)
-        if not (run_dir / "model.pt").is_file():
-            raise CheckpointError(f"{run_dir} holds no model.pt: it is not a finished run (train it first).")
-        predictor = cls.from_checkpoint(run_dir / "model.pt", device, batch_size=batch_size, num_threads=num_threads)
+        if not (run_dir / MODEL_FILE).is_file():
+            raise CheckpointError(f"{run_dir} holds no {MODEL_FILE}: it is not a finished run (train it first).")
+        predictor = cls.from_checkpoint(run_dir / MODEL_FILE, device, batch_size=batch_size, num_threads=num_threads)
         if ensemble:
             predictor.use_ensemble(run_dir)
         return predictor
@@ -101,13 +143,9 @@ class Predictor:
     def use_ensemble(self, run_dir: str | Path) -> None:
         """Mix in the run's TF-IDF + LR baseline: ``(1 - w) * model + w * tfidf`` with the weight ``w`` its
         evaluation chose on validation (metrics.json "ensembles"), so predictions match the reported figure."""
-        import json
-
-        from hybridlib.baselines import TFIDF_FILE, load_tfidf_logreg
-
         run_dir = Path(run_dir)
         try:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+            metrics = read_json(run_dir / METRICS_FILE)
             weight = float(metrics["ensembles"]["model+tfidf_logreg"]["weight_other"])
         except (OSError, ValueError, KeyError, TypeError):
             raise CheckpointError(
@@ -123,15 +161,21 @@ class Predictor:
 
     @contextlib.contextmanager
     def threads(self, n_texts: int):
-        """Run torch on CPU with the thread count chosen for a call of ``n_texts`` texts (see from_checkpoint)."""
+        """Run torch on CPU with the thread count chosen for a call of ``n_texts`` texts (see from_checkpoint);
+        yields a function to call before each batch (the automatic policy re-checks the free cores there)."""
         n = self.num_threads or (1 if n_texts <= 8 else None)
-        before = torch.get_num_threads()
-        if self.device.type != "cpu" or not n or n == before:
-            yield
+        if self.device.type != "cpu":
+            yield lambda: None
             return
+        if n is None:
+            if self._auto is None:
+                self._auto = CPUThreads(None, self.device)
+            yield self._auto.update
+            return
+        before = torch.get_num_threads()
         torch.set_num_threads(n)
         try:
-            yield
+            yield lambda: None
         finally:
             torch.set_num_threads(before)
 
@@ -188,15 +232,14 @@ class Predictor:
         ids = self.encode(texts)
         order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a batch
         probs = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        with self.threads(len(texts)):
+        with self.threads(len(texts)) as before_batch:
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 batch, mask = self.batch_tensors([ids[i] for i in idx])
-                logits = self.model(batch, mask)
+                before_batch()
+                logits = forward(self.model, batch, mask)
                 probs[idx] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         if self.tfidf is not None:
-            from hybridlib.baselines import mix_probs, tfidf_proba
-
             other = tfidf_proba(self.tfidf, list(texts), len(self.label_names))
             probs = mix_probs(probs, other, self.tfidf_weight).astype(np.float32)
         return probs
@@ -224,15 +267,11 @@ class Predictor:
 
     def table(self, texts: str | list[str], digits: int = 3):
         """The predictions as a pandas DataFrame: text, label, then one probability column per class."""
-        import pandas as pd
-
         texts = [texts] if isinstance(texts, str) else list(texts)
         rows = [{"text": t, "label": r["label"], **r["probabilities"]} for t, r in zip(texts, self.predict(texts), strict=True)]
         return pd.DataFrame(rows, columns=["text", "label", *self.label_names]).round(digits)
 
     def explain(self, text: str, method: str = "gradient", target: str | int | None = None) -> dict[str, Any]:
         """Predict one text and attribute the decision to its tokens; see :func:`hybridlib.explain.explain`."""
-        from hybridlib.explain import explain
-
         with self.threads(1):
             return explain(self, text, method=method, target=target)

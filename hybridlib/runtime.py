@@ -1,12 +1,15 @@
-"""Where and how code runs: device, mixed precision, seeds, and torch.distributed process info."""
+"""Where and how code runs: device, mixed precision, seeds and RNG state, torch.distributed process info, memory."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,26 +18,43 @@ from hybridlib.errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device ``name`` stands for; a CUDA device gets :func:`configure_cuda`'s TF32 settings."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"Parameter 'device': {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Parameter 'device': {name!r} was asked for but CUDA is not available; use auto or cpu.")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"Parameter 'device': {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"Parameter 'device': {name!r} was asked for but CUDA is not available; use auto or cpu.")
+    if dev.type == "cuda":
+        configure_cuda()
     return dev
 
 
-def apply_num_threads(n: int | None) -> None:
-    """Use ``n`` torch CPU threads (the ``num_threads`` param); None leaves torch's choice (one per core)."""
-    if n:
-        torch.set_num_threads(n)
+def configure_cuda(benchmark: bool = False) -> None:
+    """CUDA only: TF32 for fp32 matrix products (cuBLAS) and cuDNN's convolutions and LSTM; with ``benchmark``,
+    cuDNN also times its algorithms for each new input shape and keeps the fastest (training and the bench call
+    it so: their batch lengths are multiples of ``CUDA_PAD_MULTIPLE``, a handful of shapes). Left off elsewhere:
+    ``Predictor`` pads each call to its own length, and timing algorithms for every new length would cost more
+    than it saves. Never called on CPU runs, whose settings it would not change anyway."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if benchmark:
+        torch.backends.cudnn.benchmark = True
+
+
+def cuda_settings() -> dict[str, Any]:
+    """The CUDA math settings in force (for reports), or {} without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"cudnn_version": torch.backends.cudnn.version(), "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
 
 def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 math (AVX512-BF16 or AMX). Without it bf16 is emulated:
-    measured 1.6x *slower* than fp32 for this model on an AVX-512 Xeon without avx512_bf16."""
+    """True on CPUs with native bf16 math (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -46,15 +66,86 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
     if precision == "fp32":
         return None
-    if device.type == "cuda":
+    native_bf16 = precision == "auto" and (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16())
+    return precision_policy(precision, device.type, native_bf16).autocast_dtype
+
+
+# ----------------------------------------------------------------------------- precision and the LSTM's path
+
+CUDA_PAD_MULTIPLE = 64  # batch lengths on CUDA: multiples of this (at most 8 shapes at 512 tokens)
+LSTM_PATHS = ("padded", "packed")
+LSTM_PATH_ENV = "HYBRIDLIB_LSTM_PATH"  # padded | packed: force one path (measurements, tests)
+LSTM_AUTOCAST_ENV = "HYBRIDLIB_LSTM_AUTOCAST"  # 1: the LSTM runs under autocast on CUDA too (measurements)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """How one run computes: the autocast dtype of the model (None: fp32) and whether its LSTM runs under it."""
+
+    autocast_dtype: torch.dtype | None
+    lstm_autocast: bool
+
+    @property
+    def lstm_dtype(self) -> torch.dtype:
+        return self.autocast_dtype if self.autocast_dtype is not None and self.lstm_autocast else torch.float32
+
+    def describe(self, device_type: str) -> dict[str, str]:
+        """{"precision": ..., "lstm_precision": ...} for reports, e.g. bf16 and "fp32 (TF32)"."""
+        name = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        lstm = name[self.lstm_dtype]
+        if lstm == "fp32" and device_type == "cuda":
+            lstm = "fp32 (TF32)" if torch.backends.cudnn.allow_tf32 else "fp32"
+        return {"precision": name[self.autocast_dtype], "lstm_precision": lstm}
+
+
+def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None, force: bool | None = None) -> bool:
+    """Does the LSTM run under the model's autocast ``amp_dtype`` on ``device_type``?
+
+    CPU: yes (bf16 where the CPU has it, as before). CUDA: no, it runs in fp32 (TF32 tensor cores): cuDNN
+    runs bf16 LSTMs natively only from cuDNN 9.13 on (before, a slow per-step fallback), and autocast's
+    fp16 LSTM re-packs its weights at every call. Not yet measured on a GPU against fp16 + GradScaler:
+    ``force`` (default: ``HYBRIDLIB_LSTM_AUTOCAST=1`` in the environment) turns autocast back on there."""
+    if amp_dtype is None:
+        return False
+    if device_type != "cuda":
+        return True
+    if force is None:
+        force = os.environ.get(LSTM_AUTOCAST_ENV, "") == "1"
+    return force
+
+
+def precision_policy(precision: str, device_type: str, native_bf16: bool,
+                     force_lstm_autocast: bool | None = None) -> PrecisionPolicy:
+    """The :class:`PrecisionPolicy` of ``precision`` (auto, fp32, bf16, fp16) on ``device_type``, where
+    ``native_bf16`` says whether the device computes in bf16 natively (a pure function: tests call it on CPU)."""
+    if precision == "fp32":
+        dtype = None
+    elif device_type == "cuda":
         if precision == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "fp16":
+            dtype = torch.bfloat16 if native_bf16 else torch.float16
+        else:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    elif precision == "fp16":
         raise ConfigError("Parameter 'precision': fp16 needs CUDA; on CPU use auto, bf16 or fp32.")
-    if precision == "bf16" or (precision == "auto" and cpu_supports_bf16()):
-        return torch.bfloat16
-    return None
+    elif precision == "bf16" or (precision == "auto" and native_bf16):
+        dtype = torch.bfloat16
+    else:
+        dtype = None
+    return PrecisionPolicy(dtype, lstm_autocast(device_type, dtype, force_lstm_autocast))
+
+
+def lstm_path(device_type: str, force: str | None = None) -> str:
+    """The BiLSTM implementation for ``device_type``: "packed" on CUDA (one cuDNN bidirectional call over packed
+    sequences), "padded" elsewhere (two one-directional LSTMs over the padded batch, the backward one on each
+    text reversed in place: oneDNN has no packed path, measured 2x slower on CPU). ``force`` (default: the
+    ``HYBRIDLIB_LSTM_PATH`` environment variable) picks one on any device; both give the same features."""
+    if force is None:
+        force = os.environ.get(LSTM_PATH_ENV) or None
+    if force is not None:
+        if force not in LSTM_PATHS:
+            raise ConfigError(f"{LSTM_PATH_ENV}={force!r}: use one of {', '.join(LSTM_PATHS)}.")
+        return force
+    return "packed" if device_type == "cuda" else "padded"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -67,6 +158,29 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Python's, numpy's, torch's (and CUDA's) RNG states as tensors and plain types (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate((3, tuple(state["python"][0]), state["python"][1]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 @dataclass(frozen=True)
@@ -107,8 +221,5 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
-    import resource
-    import sys
-
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux

@@ -18,8 +18,9 @@ from typing import Any
 
 import ipywidgets as w
 
+from hybridlib.artifacts import list_runs, outputs_root
 from hybridlib.errors import HybridlibError
-from hybridlib.runs import list_runs, outputs_root
+from hybridlib.prediction import Predictor
 
 # Example texts per dataset (matched against the run's dataset name), and for anything else.
 EXAMPLES: dict[str, list[str]] = {
@@ -258,8 +259,6 @@ class PredictWidget(w.VBox):
 
     def predictor(self):
         """The Predictor of the selected run (loaded once per run)."""
-        from hybridlib.prediction import Predictor
-
         key = self.run_picker.value
         if key not in self._predictors:
             predictor = Predictor.from_run(key, device=self.device)

@@ -64,8 +64,8 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
-    """The tiny tokenizer, loaded once per session through hybridlib.data.load_tokenizer."""
-    from hybridlib.data import load_tokenizer
+    """The tiny tokenizer, loaded once per session through hybridlib.tokens.load_tokenizer."""
+    from hybridlib.tokens import load_tokenizer
 
     return load_tokenizer(str(tiny_tokenizer_dir))
 

@@ -1,42 +1,44 @@
-"""hybridlib.checkpoint + training outputs: safe loading, round trip, compatibility, never overwrite."""
+"""hybridlib.artifacts (checkpoints) + what training writes: round trip, format 2, compatibility, bad files.
+
+Malicious pickles, refusing to overwrite a run and checkpoints written on a GPU are in test_reliability.py;
+checkpoints of the previous format (1) in test_old_runs.py.
+"""
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import os
 
 import pytest
 import torch
 
-from hybridlib.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from hybridlib.config import Config, config_from_dict
+from hybridlib.artifacts import (
+    FORMAT_VERSION,
+    LOG_COLUMNS,
+    check_compatible,
+    checkpoint_config,
+    load_checkpoint,
+    load_model,
+    model_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from hybridlib.config import Config, fields_of, load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, RunError
-from hybridlib.model import build_model, for_loading
-from hybridlib.training import LOG_COLUMNS, train, validate
+from hybridlib.tokens import load_tokenizer
+from hybridlib.training import train, validate
 
-CKPT_KEYS = {"model", "config", "label_names", "tokenizer", "epoch", "best_metric"}
+CKPT_KEYS = {"format_version", "model", "config", "label_names", "tokenizer", "epoch", "best_metric"}
 EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_params):
     """One tiny training run (2 epochs) shared by the tests of this module."""
-    from hybridlib.config import load_config
-
     cfg = load_config(tiny_params, overrides={"epochs": EPOCHS})
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-run"
     result = train(cfg, run_dir, progress=False)
     return cfg, run_dir, result
-
-
-def rebuild(ckpt: dict) -> torch.nn.Module:
-    cfg = for_loading(config_from_dict(ckpt["config"]))
-    tok = ckpt["tokenizer"]
-    model = build_model(cfg, tok["vocab_size"], len(ckpt["label_names"]), tok["pad_id"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
 
 
 def sample_batch(vocab_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,18 +49,14 @@ def sample_batch(vocab_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return ids, ids.ne(pad_id)
 
 
-def sha256(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ----------------------------------------------------------------------------- training outputs
 
 
 def test_training_writes_run_files(trained_run):
     cfg, run_dir, result = trained_run
-    assert (run_dir / "model.pt").is_file()
-    assert (run_dir / "last.pt").is_file()
-    assert (run_dir / "training_log.csv").is_file()
+    for name in ("model.pt", "last.pt", "training_log.csv", "train_info.json", "tokenizer/tokenizer_config.json"):
+        assert (run_dir / name).is_file(), name
+    assert len(load_tokenizer(str(run_dir / "tokenizer"))) == load_checkpoint(run_dir / "model.pt")["tokenizer"]["vocab_size"]
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
     assert len(result.history) == EPOCHS
     assert 1 <= result.best_epoch <= EPOCHS
@@ -71,16 +69,8 @@ def test_training_log(trained_run):
     with open(run_dir / "training_log.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-        assert reader.fieldnames == [
-            "epoch",
-            "train_loss",
-            "train_accuracy",
-            "val_loss",
-            "val_accuracy",
-            "lr",
-            "seconds",
-        ]
-    assert LOG_COLUMNS == reader.fieldnames
+    assert reader.fieldnames == LOG_COLUMNS == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                                                "lr", "seconds"]
     assert [int(float(r["epoch"])) for r in rows] == list(range(1, EPOCHS + 1))
     for row, hist in zip(rows, result.history, strict=True):
         for key in LOG_COLUMNS:
@@ -92,34 +82,42 @@ def test_training_log(trained_run):
 def test_model_pt_loads_with_weights_only(trained_run):
     _, run_dir, result = trained_run
     raw = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    assert CKPT_KEYS <= set(raw)
     ckpt = load_checkpoint(run_dir / "model.pt")
-    assert CKPT_KEYS <= set(ckpt)
+    assert set(raw) == set(ckpt) == CKPT_KEYS
     assert ckpt["label_names"] == ["sports", "business", "science"]
     assert ckpt["epoch"] == result.best_epoch
     assert ckpt["best_metric"] == pytest.approx(result.best_val_accuracy)
-    assert {"vocab_size", "pad_id", "name"} <= set(ckpt["tokenizer"])
-    assert isinstance(ckpt["config"], dict)
+    assert {"vocab_size", "pad_id", "name", "fingerprint"} <= set(ckpt["tokenizer"])
     assert all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())
     for a, b in zip(raw["model"].values(), ckpt["model"].values(), strict=True):
         assert torch.equal(a, b)
     # last.pt (resume state) loads safely too
     last = load_checkpoint(run_dir / "last.pt")
     assert last["epoch"] == EPOCHS
-    assert {"optimizer", "scheduler", "rng", "history"} <= set(last)
+    assert CKPT_KEYS | {"optimizer", "scheduler", "scaler", "rng", "history", "best_epoch", "bad_epochs"} <= set(last)
 
 
-def test_config_round_trips(trained_run):
+def test_format_2_stores_the_data_and_model_groups_only(trained_run):
+    """model.pt's config is what rebuilds the model and its tokenization; no lr, seed, threads or run folder."""
     cfg, run_dir, _ = trained_run
-    ckpt = load_checkpoint(run_dir / "model.pt")
-    assert config_from_dict(ckpt["config"]) == cfg
+    for name in ("model.pt", "last.pt"):
+        ckpt = load_checkpoint(run_dir / name)
+        assert ckpt["format_version"] == FORMAT_VERSION == 2
+        assert ckpt["config"] == cfg.group("data", "model")
+        assert list(ckpt["config"]) == fields_of("data", "model")
+    for key in ("lr", "seed", "epochs", "num_threads", "device", "run_dir", "resume", "freeze_embeddings"):
+        assert key not in ckpt["config"], key
+    restored = checkpoint_config(ckpt)
+    assert restored.group("data", "model") == cfg.group("data", "model")
+    assert restored.group("training", "machine", "run") == Config().group("training", "machine", "run")  # defaults
 
 
 def test_rebuilt_model_gives_identical_logits(trained_run, tiny_tokenizer):
     cfg, run_dir, result = trained_run
     ckpt = load_checkpoint(run_dir / "model.pt")
-    a = rebuild(ckpt)
-    b = rebuild(torch.load(run_dir / "model.pt", weights_only=True))
+    a = model_from_checkpoint(ckpt)
+    b, _ = load_model(run_dir / "model.pt", vocab_size=ckpt["tokenizer"]["vocab_size"], num_classes=3)
+    assert not a.training and not b.training
     ids, mask = sample_batch(ckpt["tokenizer"]["vocab_size"], ckpt["tokenizer"]["pad_id"])
     with torch.no_grad():
         la, lb = a(ids, mask), b(ids, mask)
@@ -137,7 +135,20 @@ def test_rebuilt_model_gives_identical_logits(trained_run, tiny_tokenizer):
     last = load_checkpoint(run_dir / "last.pt")
     if last["epoch"] == ckpt["epoch"]:  # best epoch was the last one: same weights in both files
         with torch.no_grad():
-            assert torch.equal(rebuild(last)(ids, mask), la)
+            assert torch.equal(model_from_checkpoint(last)(ids, mask), la)
+
+
+def test_model_checkpoint_of_an_untrained_model(tiny_cfg, tiny_tokenizer, tmp_path):
+    """model_checkpoint + save_checkpoint + model_from_checkpoint round-trip any model (bench writes one)."""
+    from hybridlib.model import build_model
+
+    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    model = build_model(tiny_cfg, data.vocab_size, len(data.label_names), data.pad_id).eval()
+    save_checkpoint(model_checkpoint(model, tiny_cfg, data, epoch=0, best_metric=-1.0), tmp_path / "m.pt")
+    back = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"))
+    ids, mask = sample_batch(data.vocab_size, data.pad_id)
+    with torch.no_grad():
+        assert torch.equal(back(ids, mask), model(ids, mask))
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -162,35 +173,7 @@ def test_check_compatible(trained_run):
     assert "sports" in msg
 
 
-# ----------------------------------------------------------------------------- unsafe / foreign files
-
-
-class _Payload:
-    """Unpickling this would create ``marker`` (stands in for arbitrary code execution)."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def test_malicious_pickle_is_refused(tmp_path):
-    marker = tmp_path / "pwned.txt"
-    evil = tmp_path / "model.pt"
-    torch.save({"model": {}, "config": {}, "payload": _Payload(str(marker))}, evil)
-    assert not marker.exists()
-
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(evil)
-    assert not marker.exists(), "loading the checkpoint ran code"
-    assert "model.pt" in str(e.value)
-    assert "Refused" in str(e.value) or "refused" in str(e.value)
-
-    # control: the payload is live (an unsafe load does run it), so the refusal above is meaningful
-    unsafe = torch.load(evil, weights_only=False)
-    unsafe["payload"].close()
-    assert marker.exists()
+# ----------------------------------------------------------------------------- missing / foreign files
 
 
 def test_missing_checkpoint(tmp_path):
@@ -211,88 +194,13 @@ def test_foreign_and_corrupt_files(tmp_path):
 
 def test_save_checkpoint_is_atomic_and_loadable(tmp_path):
     path = tmp_path / "sub" / "ck.pt"
-    ckpt = {"model": {"w": torch.arange(3.0)}, "config": Config().to_dict(), "label_names": ["a", "b"]}
+    ckpt = {"model": {"w": torch.arange(3.0)}, "config": Config().group("data", "model"), "label_names": ["a", "b"]}
     save_checkpoint(ckpt, path)
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(3.0))
     assert [p.name for p in path.parent.iterdir()] == ["ck.pt"]
-
-
-# ----------------------------------------------------------------------------- never overwrite a run
-
-
-@pytest.mark.parametrize("existing", ["model.pt", "last.pt"])
-def test_training_refuses_existing_run(tmp_path, tiny_cfg, existing):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    old = run_dir / existing
-    old.write_bytes(os.urandom(256))
-    before = sha256(old)
-    with pytest.raises(RunError) as e:
-        train(tiny_cfg, run_dir, progress=False)
-    assert existing in str(e.value)
-    assert sha256(old) == before
-    assert sorted(p.name for p in run_dir.iterdir()) == [existing]
-
-
-def test_training_refuses_existing_real_run(trained_run, tiny_cfg):
-    _, run_dir, _ = trained_run
-    before = {p.name: sha256(p) for p in run_dir.iterdir() if p.is_file()}
-    with pytest.raises(RunError):
-        train(tiny_cfg, run_dir, progress=False)
-    assert {p.name: sha256(p) for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_resume_without_last_pt(tmp_path, tiny_cfg):
     tiny_cfg.resume = True
     with pytest.raises(RunError, match="last.pt"):
         train(tiny_cfg, tmp_path / "new-run", progress=False)
-
-
-def test_ema_saves_and_validates_the_average_and_resumes_exactly(tmp_path, tiny_cfg):
-    """ema_decay: model.pt holds the moving average (the weights whose validation accuracy was logged),
-    last.pt the raw weights plus the average; a resumed run ends exactly like an uninterrupted one."""
-    import dataclasses
-
-    cfg = dataclasses.replace(tiny_cfg, epochs=3, ema_decay=0.9, patience=0)
-    data = prepare_data(cfg)
-    full = train(cfg, tmp_path / "full", data, progress=False)
-    best, last = load_checkpoint(tmp_path / "full" / "model.pt"), load_checkpoint(tmp_path / "full" / "last.pt")
-    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
-    assert ema.keys() == last["model"].keys()
-    assert any(not torch.equal(ema[k], last["model"][k]) for k in ema)  # the average is not the raw weights
-    model = rebuild(best)
-    _, val_acc = validate(model, data.splits["validation"], cfg, data.pad_id, torch.device("cpu"), None)
-    assert val_acc == pytest.approx(full.history[best["epoch"] - 1]["val_accuracy"])
-    if best["epoch"] == 3:
-        assert all(torch.equal(best["model"][k], ema[k]) for k in ema)
-
-    # stop after epoch 2 (the same 3-epoch schedule), then resume: the same weights and log
-    import hybridlib.training as T
-
-    part = tmp_path / "part"
-    real_validate, calls = T.validate, []
-
-    def validate_then_stop(*args, **kwargs):
-        out = real_validate(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # after epoch 2's checkpoints, before epoch 3 is saved
-        return out
-
-    T.validate = validate_then_stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, part, data, progress=False)
-    finally:
-        T.validate = real_validate
-    assert load_checkpoint(part / "last.pt")["epoch"] == 2
-    resumed = train(dataclasses.replace(cfg, resume=True), part, data, progress=False)
-    assert [r["val_accuracy"] for r in resumed.history] == [r["val_accuracy"] for r in full.history]
-    for name in ("model.pt", "last.pt"):
-        a, b = load_checkpoint(part / name), load_checkpoint(tmp_path / "full" / name)
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-    with pytest.raises(RunError, match="saved without ema_decay"):
-        no_ema = tmp_path / "no-ema"
-        train(dataclasses.replace(cfg, ema_decay=0.0, epochs=1), no_ema, data, progress=False)
-        train(dataclasses.replace(cfg, epochs=1, resume=True), no_ema, data, progress=False)

@@ -1,31 +1,48 @@
-"""`python -m hybridlib ...` as a user runs it: bad input ends with exit code != 0 and a one-paragraph
-message on stderr (never a traceback), and nothing is created or overwritten on the way.
+"""`hybridlib ...` as a user runs it: a whole run end to end on tiny generated data; bad input ends with a
+non-zero exit code and a one-paragraph message on stderr (never a traceback), before anything is created.
 
-The `run` cases fail before any notebook starts, so they cost a fraction of a second each; the
-`evaluate` cases import torch/datasets (a few seconds each) and use the session's tiny run.
+Most cases call ``hybridlib.cli.main`` in this process (what ``python -m hybridlib`` runs); a fresh
+``python -m hybridlib`` is started only where the process itself matters: its exit code and stderr, and
+the Hugging Face libraries' state when HF_HUB_OFFLINE is unset. Which values, data and runs are refused is
+tested in test_config.py, test_data.py and test_reliability.py.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import fixtures
+import nbformat
 import pytest
-from tiny_run import tiny_run
+import yaml
+
+from hybridlib.cli import main
+from hybridlib.tokens import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ["01_data_exploration.ipynb", "02_training.ipynb", "03_evaluation.ipynb", "04_visualization.ipynb",
+             "05_prediction.ipynb"]
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m hybridlib ARGS`` in a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "hybridlib", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env or dict(os.environ),
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env or dict(os.environ),
     )
+
+
+def cli_here(capsys, *args) -> subprocess.CompletedProcess:
+    """``hybridlib ARGS`` through hybridlib.cli.main in this process (stdout/stderr captured)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
 def assert_clean_error(res: subprocess.CompletedProcess, *needles: str) -> str:
@@ -41,92 +58,89 @@ def assert_clean_error(res: subprocess.CompletedProcess, *needles: str) -> str:
     return err
 
 
-def tree(folder: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under ``folder`` (to prove nothing changed)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+# ----------------------------------------------------------------------------- a whole run
 
 
-# ----------------------------------------------------------------------------- item 1: bad params
-
-
-BAD_PARAMS = {
-    "unknown_key": ("epoch: 3\n", ["Unknown parameter 'epoch'", "Did you mean 'epochs'?", "bad.yaml"]),
-    "lr_not_a_number": ('lr: "fast"\n', ["'lr'", "'fast'", "expected a number", "bad.yaml"]),
-    "negative_epochs": ("epochs: -1\n", ["'epochs'", "-1", ">= 1", "bad.yaml"]),
-    "max_length_0": ("max_length: 0\n", ["'max_length'", ">= 2"]),
-    "unknown_branch": ("branches: [cnn, gru]\n", ["'branches'", "'gru'", "cnn, lstm"]),
-    "bad_device": ("device: gpu\n", ["'device'", "'gpu'", "cuda"]),
-    "duplicate_label_names": ("label_names: [a, b, a]\n", ["'label_names'", "more than once"]),
-    "yaml_does_not_parse": ("epochs: 3\nbranches: [cnn, lstm\n", ["bad.yaml", "not valid YAML", "line"]),
-    "not_a_mapping": ("- epochs\n- 3\n", ["bad.yaml", "mapping"]),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_PARAMS))
-def test_run_with_bad_params_file(tmp_path, case):
-    text, needles = BAD_PARAMS[case]
-    params = tmp_path / "bad.yaml"
-    params.write_text(text, encoding="utf-8")
+def test_hybridlib_run_end_to_end(tiny_params, tiny_tokenizer_dir, tmp_path, capsys):
+    """`hybridlib run` on the tiny data: the five notebooks executed into the run folder (with their outputs), and
+    every artifact they promise, with a model that learnt the task (3 balanced classes: chance is 1/3)."""
     out = tmp_path / "outputs"
-    res = cli("run", params, "--outputs", out, "--run-name", "must-not-exist")
+    res = cli_here(capsys, "run", tiny_params, "--run-name", "e2e", "--outputs", out,
+                   "-p", "epochs", "5", "-p", "baseline", "true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = out / "e2e"
+    assert f"Run finished: {run}" in res.stdout and "test_accuracy" in res.stdout
+
+    for name in NOTEBOOKS:
+        nb = nbformat.read(run / name, as_version=4)
+        assert not nb.metadata.get("papermill", {}).get("exception"), name
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code and all(c.execution_count for c in code), f"{name}: a cell did not run"
+        outputs = [o for c in code for o in c.outputs]
+        assert outputs, f"{name} has no outputs"
+        assert not [o for o in outputs if o.output_type == "error"], name
+        injected = [c for c in code if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and str(run.resolve() / "params.yaml") in injected[0].source, name
+
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    assert params["epochs"] == 5 and params["baseline"] is True and Path(params["run_dir"]) == run.resolve()
+    for name in ("model.pt", "last.pt", "tfidf_logreg.npz", "train_info.json", "tokenizer/tokenizer_config.json"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    assert load_tokenizer(str(run / "tokenizer")).get_vocab() == load_tokenizer(str(tiny_tokenizer_dir)).get_vocab()
+    log = (run / "training_log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,train_loss") and len(log) == 1 + 5
+    for name in ("loss_acc_curves.png", "confusion_matrix.png", "token_lengths.png"):
+        assert (run / name).read_bytes()[:8] == PNG, name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.8, metrics["test_accuracy"]  # measured ~0.9-1.0
+    assert metrics["test_macro_f1"] >= 0.75 and metrics["best_epoch"] >= 1 and metrics["epochs_run"] == 5
+    assert metrics["label_names"] == ["sports", "business", "science"]
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["num_test"] == 80
+    assert "tfidf_logreg" in metrics["baselines"] and "model+tfidf_logreg" in metrics["ensembles"]
+    report = (run / "classification_report.txt").read_text()
+    assert all(name in report for name in metrics["label_names"]) and "accuracy" in report
+    assert not list(run.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["{bad}"], ["Unknown parameter 'epoch'", "Did you mean 'epochs'?", "bad.yaml"]),
+        (["{missing}"], ["nope.yaml", "does not exist"]),
+        (["{params}", "-p", "epochs", "-1"], ["'epochs'", "-1", ">= 1"]),
+        (["{params}", "-p", "epoch", "3"], ["Did you mean 'epochs'?"]),
+        (["{params}", "-p", "lr", "fast"], ["'lr'", "fast"]),
+        (["{params}", "-p", "ema_decay", "0.9"], ["'ema_decay'", "hybridlib 0.1.0"]),
+    ],
+    ids=["bad_file", "missing_file", "negative_epochs", "unknown_key", "lr_not_a_number", "retired_option"],
+)
+def test_run_with_bad_params_creates_nothing(tmp_path, tiny_params, capsys, args, needles):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epoch: 3\n", encoding="utf-8")
+    out = tmp_path / "outputs"
+    args = [a.format(bad=bad, missing=tmp_path / "nope.yaml", params=tiny_params) for a in args]
+    res = cli_here(capsys, "run", *args, "--outputs", out, "--run-name", "must-not-exist")
+    assert res.returncode == 2
     assert_clean_error(res, *needles)
     assert not out.exists(), "a bad parameter created a run folder"
 
 
-def test_run_with_missing_params_file(tmp_path):
-    out = tmp_path / "outputs"
-    res = cli("run", tmp_path / "nope.yaml", "--outputs", out)
-    assert_clean_error(res, "nope.yaml", "does not exist")
-    assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    "key,value,needles",
-    [("epochs", "-1", ["'epochs'", "-1"]), ("epoch", "3", ["Did you mean 'epochs'?"]), ("lr", "fast", ["'lr'", "fast"])],
-)
-def test_run_with_bad_p_override(tmp_path, tiny_params, key, value, needles):
-    out = tmp_path / "outputs"
-    res = cli("run", tiny_params, "-p", key, value, "--outputs", out)
-    assert_clean_error(res, *needles)
-    assert not out.exists()
-
-
-# ----------------------------------------------------------------------------- item 6: never overwrite
-
-
-def test_run_refuses_an_existing_run_name(tmp_path, tiny_params):
-    out = tmp_path / "outputs"
-    old = out / "mine"
-    old.mkdir(parents=True)
-    (old / "model.pt").write_bytes(os.urandom(64))
-    (old / "params.yaml").write_text("epochs: 1\n")
-    (out / "other").mkdir()
-    (out / "other" / "metrics.json").write_text("{}")
-    before = tree(out)
-    res = cli("run", tiny_params, "--run-name", "mine", "--outputs", out)
-    assert_clean_error(res, "already exists", "--run-name")
-    assert tree(out) == before
-    assert sorted(p.name for p in out.iterdir()) == ["mine", "other"]
-
-
-def test_resume_argument_errors(tmp_path, tiny_params):
-    assert_clean_error(cli("run", "--resume", tmp_path / "no-such-run"), "no-such-run", "not a hybridlib run")
+def test_resume_argument_errors(tmp_path, capsys):
+    assert_clean_error(cli_here(capsys, "run", "--resume", tmp_path / "no-such-run"), "no-such-run", "not a hybridlib run")
     run = tmp_path / "run"
     run.mkdir()
     (run / "params.yaml").write_text("epochs: 1\n")
-    assert_clean_error(cli("run", "--resume", run, "-p", "epochs", "5"), "--resume takes only the run folder")
+    assert_clean_error(cli_here(capsys, "run", "--resume", run, "-p", "epochs", "5"), "--resume takes only the run folder")
     (run / "model.pt").write_bytes(b"x")  # a finished run without last.pt
-    assert_clean_error(cli("run", "--resume", run), "no last.pt", "cannot be resumed")
-    assert_clean_error(cli("run"), "needs a params file")
+    assert_clean_error(cli_here(capsys, "run", "--resume", run), "no last.pt", "cannot be resumed")
+    assert_clean_error(cli_here(capsys, "run"), "needs a params file")
+    assert sorted(p.name for p in run.iterdir()) == ["model.pt", "params.yaml"]
 
 
-# ----------------------------------------------------------------------------- items 3 and 7: evaluate
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
+# ----------------------------------------------------------------------------- offline
 
 
 def _closed_port() -> int:
@@ -135,12 +149,6 @@ def _closed_port() -> int:
     port = s.getsockname()[1]
     s.close()  # nothing listens there now: a connect is refused at once
     return port
-
-
-def test_evaluate_with_a_mismatching_tokenizer(run_dir, tmp_path):
-    other = fixtures.make_tiny_tokenizer(tmp_path / "other_tok", vocab_size=300)
-    res = cli("evaluate", "--checkpoint", run_dir / "model.pt", "-p", "tokenizer", other)
-    assert_clean_error(res, "vocabulary", "tokenizer")
 
 
 @pytest.mark.parametrize(
@@ -153,10 +161,11 @@ def test_evaluate_with_a_mismatching_tokenizer(run_dir, tmp_path):
     ids=["hub_dataset", "hub_tokenizer"],
 )
 def test_run_offline_hub_names_fail_fast_with_a_local_files_hint(tiny_params, tmp_path, override, needles):
-    """HF_HUB_OFFLINE is *unset*: hybridlib itself must notice that the hub is unreachable (a 3 s TCP probe)
-    and fail with a hint, instead of huggingface_hub's ~50 s of retries, and before a run folder exists.
-    HF_ENDPOINT points at a closed local port so the test is offline on any machine (without network,
-    DNS fails just as fast)."""
+    """`python -m hybridlib run` with HF_HUB_OFFLINE *unset* (a fresh process, so the Hugging Face libraries start
+    online): hybridlib itself must notice that the hub is unreachable (an HTTP probe of a few seconds), switch them
+    offline and fail with a hint, instead of huggingface_hub's ~50 s of retries, and before a run folder exists;
+    the process exits 2 with one paragraph on stderr. HF_ENDPOINT points at a closed local port so the test is
+    offline on any machine (without network, DNS fails just as fast)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HYBRIDLIB_TOKENIZERS_DIR",
                         "HYBRIDLIB_DATA_DIR")}
@@ -164,5 +173,6 @@ def test_run_offline_hub_names_fail_fast_with_a_local_files_hint(tiny_params, tm
                HF_DATASETS_CACHE=str(tmp_path / "empty_hf_datasets"))
     out = tmp_path / "outputs"
     res = cli("run", tiny_params, *override, "--outputs", out, env=env, timeout=120)
+    assert res.returncode == 2
     assert_clean_error(res, *needles)
     assert not out.exists()

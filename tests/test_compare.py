@@ -45,13 +45,41 @@ def test_runs_that_differ_only_in_seed_form_one_experiment(tmp_path):
     assert table.loc["branches=cnn+lstm", "model+tfidf_logreg_test_%"] == ""  # a run made before ensembles
 
 
-def test_a_param_missing_from_an_older_run_counts_as_its_default(tmp_path):
-    old = fake_run(tmp_path, "old", 0.80, 1, drop=("branch_norm",))
-    new = fake_run(tmp_path, "new", 0.82, 2, branch_norm=False)
-    other = fake_run(tmp_path, "norm", 0.85, 3, branch_norm=True)
-    table, _ = compare_runs([old, new, other])
+def test_runs_are_told_apart_by_experiment_fields_only(tmp_path):
+    """Seed, machine, run and location fields (where the data and tokenizer lie on this machine) never split an
+    experiment; any data/model/training field does, and only it is named."""
+    same = [fake_run(tmp_path, "a", 0.80, 1),
+            fake_run(tmp_path, "b", 0.82, 2, num_threads=4, device="cuda", precision="bf16", eval_batch_size=8,
+                     num_workers=2, num_processes=2, run_dir="/elsewhere/b", resume=True, baseline=False,
+                     data_dir="/mnt/data/toy", tokenizer="/mnt/tokenizers/bert-base-uncased")]
+    other = [fake_run(tmp_path, "c", 0.9, 1, lr=0.01), fake_run(tmp_path, "d", 0.7, 1, max_length=64)]
+    table, runs = compare_runs(same + other)
+    assert list(table.index) == ["max_length=256, lr=0.002", "max_length=256, lr=0.01", "max_length=64, lr=0.002"]
+    assert table.loc["max_length=256, lr=0.002", "seeds"] == 2
+    assert [r["experiment"] for r in runs][:2] == ["max_length=256, lr=0.002"] * 2
+
+
+def test_experiment_fields_and_retired_keys_are_what_compare_uses(tmp_path, monkeypatch):
+    from hybridlib import compare
+    from hybridlib.config import RETIRED, experiment_fields
+
+    seen = []
+    real = compare.experiment_key
+    monkeypatch.setattr(compare, "experiment_key", lambda params, varying: seen.append(set(params)) or real(params, varying))
+    compare_runs([fake_run(tmp_path, "a", 0.8, 1), fake_run(tmp_path, "b", 0.8, 2)])
+    assert seen[0] == set(experiment_fields()) | set(RETIRED)
+
+
+def test_params_of_older_runs_count_as_their_defaults(tmp_path):
+    """A run made before a param existed counts as its default; a retired option at its "off" value (every run of
+    the previous main wrote branch_norm: false) is the same experiment as a run without it; switched on, another."""
+    now = fake_run(tmp_path, "now", 0.80, 1)
+    before_aux = fake_run(tmp_path, "before-aux", 0.81, 2, drop=("branch_aux_loss",))
+    old = fake_run(tmp_path, "old", 0.82, 3, branch_norm=False, ema_decay=0.0, unseen_embeddings="random")
+    norm = fake_run(tmp_path, "norm", 0.85, 4, branch_norm=True, ema_decay=0.0, unseen_embeddings="random")
+    table, _ = compare_runs([now, before_aux, old, norm])
     assert list(table.index) == ["branch_norm=False", "branch_norm=True"]
-    assert table.loc["branch_norm=False", "seeds"] == 2
+    assert table.loc["branch_norm=False", "seeds"] == 3
 
 
 def test_write_comparison_writes_markdown_csv_and_curves(tmp_path):

@@ -1,4 +1,4 @@
-"""hybridlib.config: defaults, params files, validation messages, CLI value coercion."""
+"""hybridlib.config: defaults, groups, params files, validation messages, retired options, CLI value coercion."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import yaml
 
-from hybridlib.config import Config, load_config, parse_cli_value, read_params_file
+from hybridlib import config as C
+from hybridlib.config import Config, experiment_fields, fields_of, load_config, parse_cli_value, read_params_file
 from hybridlib.errors import ConfigError
 
 
@@ -82,34 +83,46 @@ def test_unknown_key_in_overrides():
         load_config(overrides={"epoch": 1})
 
 
-@pytest.mark.parametrize(
-    "line,key",
-    [
-        ('lr: "fast"', "lr"),
-        ("epochs: -1", "epochs"),
-        ("epochs: 0", "epochs"),
-        ("epochs: 2.5", "epochs"),
-        ("epochs: true", "epochs"),
-        ("max_length: 0", "max_length"),
-        ("branches: [cnn, gru]", "branches"),
-        ("branches: []", "branches"),
-        ("lstm_pooling: median", "lstm_pooling"),
-        ("truncation: tail", "truncation"),
-        ("precision: fp8", "precision"),
-        ("dropout: 1.0", "dropout"),
-        ("val_size: 0", "val_size"),
-        ("lr: .nan", "lr"),
-        ("lr: 0", "lr"),
-        ("lstm_layers: 3", "lstm_layers"),
-        ("cnn_kernel_sizes: [3, 0]", "cnn_kernel_sizes"),
-        ("bucket_by_length: maybe", "bucket_by_length"),
-        ("label_names: {a: 1}", "label_names"),
-    ],
-)
-def test_bad_values_rejected_naming_the_key(tmp_path, line, key):
+# line of a params file -> (key, what the message must also say); the message always names the key and the file
+BAD_LINES = {
+    'lr: "fast"': ("lr", "'fast'", "expected a number"),
+    "epochs: -1": ("epochs", "-1", ">= 1"),
+    "epochs: 0": ("epochs", ">= 1"),
+    "epochs: 2.5": ("epochs", "an integer"),
+    "epochs: true": ("epochs", "an integer"),
+    "max_length: 0": ("max_length", ">= 2"),
+    "branches: [cnn, gru]": ("branches", "'gru'", "cnn, lstm"),
+    "branches: []": ("branches", "empty"),
+    "branches: [cnn, cnn]": ("branches", "more than once"),
+    "lstm_pooling: median": ("lstm_pooling", "'max', 'mean'"),
+    "truncation: tail": ("truncation", "'head'"),
+    "precision: fp8": ("precision", "'fp32'"),
+    "device: gpu": ("device", "'gpu'", "cuda"),
+    "dropout: 1.0": ("dropout", "< 1.0"),
+    "val_size: 0": ("val_size", "> 0.0"),
+    "lr: .nan": ("lr", "expected a number"),
+    "lr: 0": ("lr", "> 0.0"),
+    "lstm_layers: 3": ("lstm_layers", "<= 2"),
+    "cnn_kernel_sizes: [3, 0]": ("cnn_kernel_sizes", ">= 1"),
+    "bucket_by_length: maybe": ("bucket_by_length", "true or false"),
+    "label_names: {a: 1}": ("label_names", "a list of"),
+    "label_names: [a, b, a]": ("label_names", "more than once"),
+    "seed: -1": ("seed", ">= 0"),  # used to crash in numpy's SeedSequence, after the run folder was made
+}
+
+
+@pytest.mark.parametrize("line", list(BAD_LINES))
+def test_bad_values_rejected_naming_the_key_and_the_file(tmp_path, line):
+    key, *needles = BAD_LINES[line]
+    path = write_yaml(tmp_path, line + "\n", name="mine.yaml")
     with pytest.raises(ConfigError) as e:
-        load_config(write_yaml(tmp_path, line + "\n"))
-    assert f"'{key}'" in str(e.value)
+        load_config(path)
+    msg = str(e.value)
+    assert f"'{key}' in {path}" in msg, msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+    with pytest.raises(ConfigError, match=f"'{key}'"):  # the same value from -p / a notebook
+        load_config(overrides=yaml.safe_load(line))
 
 
 def test_scientific_notation_without_dot_is_a_number(tmp_path):
@@ -220,9 +233,78 @@ def test_bad_cli_values_rejected(key, text):
 
 
 def test_named_pretrained_embeddings_are_not_taken_for_paths(tmp_path):
-    from hybridlib.runs import resolve_paths
+    from hybridlib.artifacts import resolve_paths
 
     out = resolve_paths({"pretrained_embeddings": "minilm", "data_dir": "data"}, tmp_path)
     assert out["pretrained_embeddings"] == "minilm"
     assert out["data_dir"] == str((tmp_path / "data").resolve())
     assert resolve_paths({"pretrained_embeddings": "vecs.npy"}, tmp_path)["pretrained_embeddings"] == str(tmp_path / "vecs.npy")
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def test_every_field_has_one_group_and_help():
+    for name, f in C.FIELDS.items():
+        assert f.metadata["group"] in C.GROUPS, name
+        assert f.metadata["help"].strip(), name
+    assert sorted(sum((fields_of(g) for g in C.GROUPS), [])) == sorted(C.FIELDS)  # a partition
+    assert fields_of() == []
+    assert fields_of("data", "model") == [k for k in C.FIELDS if k in fields_of("data") + fields_of("model")]
+
+
+def test_groups_hold_what_they_promise():
+    assert {"dataset", "data_dir", "label_names", "tokenizer", "max_length", "truncation"} <= set(fields_of("data"))
+    assert {"branches", "embed_dim", "lstm_pooling", "cnn_filters", "branch_aux_loss"} <= set(fields_of("model"))
+    assert {"lr", "epochs", "seed", "pretrained_embeddings", "freeze_embeddings", "adversarial_eps",
+            "label_smoothing"} <= set(fields_of("training"))
+    assert set(fields_of("machine")) == {"device", "precision", "eval_batch_size", "num_workers", "num_threads",
+                                         "num_processes"}
+    assert set(fields_of("run")) == {"run_dir", "resume", "baseline"}
+
+
+def test_config_group_returns_those_fields_with_their_values():
+    cfg = Config(lr=0.5, embed_dim=7, num_threads=3)
+    model = cfg.group("model")
+    assert list(model) == fields_of("model") and model["embed_dim"] == 7
+    both = cfg.group("data", "model")
+    assert list(both) == fields_of("data", "model") and "lr" not in both and "num_threads" not in both
+    assert cfg.group("training")["lr"] == 0.5 and cfg.group("machine")["num_threads"] == 3
+    assert {k: v for g in C.GROUPS for k, v in cfg.group(g).items()} == cfg.to_dict()
+
+
+def test_experiment_fields_leave_out_seed_locations_machine_and_run():
+    exp = experiment_fields()
+    assert exp == [k for k in fields_of("data", "model", "training") if k in exp]  # declaration order
+    for key in ("seed", "data_dir", "tokenizer", *fields_of("machine"), *fields_of("run")):
+        assert key not in exp, key
+    assert {"dataset", "max_length", "label_names", "branches", "lstm_pooling", "lr", "epochs",
+            "pretrained_embeddings"} <= set(exp)
+
+
+# ----------------------------------------------------------------------------- retired options
+
+
+@pytest.mark.parametrize("key,off", list(C.RETIRED.items()))
+def test_a_retired_key_at_its_off_value_is_dropped(tmp_path, key, off):
+    """Params files, params.yaml and checkpoints of hybridlib 0.1.0 wrote every retired key at its "off" value."""
+    assert key not in C.FIELDS
+    path = write_yaml(tmp_path, yaml.safe_dump({key: off, "epochs": 3}))
+    assert load_config(path) == Config(epochs=3)
+    assert C.validate({key: off}) == {}
+    assert C.config_from_dict({**Config().to_dict(), key: off}) == Config()
+
+
+@pytest.mark.parametrize("key,value", [("branch_norm", True), ("ema_decay", 0.9), ("unseen_embeddings", "zero"),
+                                       ("lstm_pooling", "both")])
+def test_a_retired_option_switched_on_names_the_version_to_use(tmp_path, key, value):
+    path = write_yaml(tmp_path, yaml.safe_dump({key: value}), name="old.yaml")
+    for call in (lambda: load_config(path), lambda: load_config(overrides={key: value}),
+                 lambda: C.config_from_dict({key: value})):
+        with pytest.raises(ConfigError) as e:
+            call()
+        msg = str(e.value)
+        assert f"'{key}'" in msg and repr(value) in msg and "hybridlib 0.1.0" in msg, msg
+        assert "docs/accuracy.md" in msg
+    assert "old.yaml" in str(pytest.raises(ConfigError, load_config, path).value)
+

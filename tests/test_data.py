@@ -1,4 +1,5 @@
-"""hybridlib.data: local loading, label encoding, checks, tokenizing (cached), splitting, batching."""
+"""hybridlib.rawdata, tokens, data, batching: local loading, label encoding, checks, tokenizing (cached),
+splitting, batching."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pytest
 import torch
 
 from hybridlib import data as hd
+from hybridlib.batching import Collator, LengthBucketSampler, make_loader
 from hybridlib.config import load_config
-from hybridlib.data import Collator, LengthBucketSampler, load_raw, prepare_data
+from hybridlib.data import prepare_data
 from hybridlib.errors import DataError
+from hybridlib.rawdata import load_raw, natural_key, resolve_data_dir
+from hybridlib.tokens import load_tokenizer, tokenizer_fingerprint
 
 
 @pytest.fixture
@@ -59,7 +63,7 @@ def test_prepare_data_tiny(tiny_cfg, tiny_tokenizer):
 def test_prepare_data_loads_tokenizer_from_cfg(tiny_cfg):
     d = prepare_data(tiny_cfg)
     assert d.tokenizer.is_fast
-    assert d.tokenizer_id == hd.tokenizer_fingerprint(d.tokenizer)
+    assert d.tokenizer_id == tokenizer_fingerprint(d.tokenizer)
 
 
 def test_formats_give_the_same_result(tmp_path, cfg_for, tiny_tokenizer):
@@ -81,6 +85,67 @@ def test_string_labels_sorted_names(tmp_path, cfg_for, tiny_tokenizer):
     by_text = dict(zip(raw["text"], raw["label"], strict=True))
     for text, label in split_rows(d, "test"):
         assert d.label_names[label] == by_text[text]
+
+
+STARS = ["1 star", "2 stars", "3 stars", "9 stars", "10 stars", "11 stars"]
+
+
+def test_natural_key_orders_numbers_by_value():
+    assert sorted(["10 stars", "2 stars", "1 star", "11 stars", "9 stars", "3 stars"], key=natural_key) == STARS
+    assert sorted(["b2", "a10", "a9", "b10"], key=natural_key) == ["a9", "a10", "b2", "b10"]
+    assert sorted(["class 10", "class 2", "other"], key=natural_key) == ["class 2", "class 10", "other"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_string_labels_are_ordered_naturally(tmp_path, cfg_for, tiny_tokenizer, fmt):
+    """No label_names: the distinct labels in natural order (1 star, 2 stars, ..., 10 stars), not as strings
+    sort ("10 stars" before "2 stars"); every text keeps its own label."""
+    texts, ids = fixtures.make_texts(120, seed=4)
+    labels = [STARS[(i * 7 + y) % len(STARS)] for i, y in enumerate(ids)]
+    folder = tmp_path / fmt
+    folder.mkdir()
+    for split, rows in (("train", slice(0, 96)), ("test", slice(96, None))):
+        df = pd.DataFrame({"text": texts[rows], "label": labels[rows]})
+        if fmt == "csv":
+            df.to_csv(folder / f"{split}.csv", index=False)
+        else:
+            df.to_parquet(folder / f"{split}.parquet", index=False)
+    d = prepare_data(cfg_for(folder, label_names=None, val_size=0.25), tokenizer=tiny_tokenizer)
+    assert d.label_names == STARS
+    assert d.splits["train"].features["label"].names == STARS
+    by_text = dict(zip(texts, labels, strict=True))
+    for split in ("train", "validation", "test"):
+        for text, label in split_rows(d, split):
+            assert d.label_names[label] == by_text[text]
+
+
+def test_metrics_follow_the_natural_label_order(tmp_path, tiny_params, tiny_tokenizer):
+    """The natural order is the order of the model's outputs, the checkpoint, metrics.json (per_class, the rows and
+    columns of the confusion matrix), the report and the Predictor."""
+    from hybridlib.artifacts import load_checkpoint, read_metrics
+    from hybridlib.evaluation import evaluate_run
+    from hybridlib.prediction import Predictor
+    from hybridlib.training import train
+
+    names = ["1 star", "2 stars", "10 stars"]  # the 3 tiny classes (sports, business, science) renamed
+    folder = tmp_path / "stars"
+    for split, n, seed in (("train", 240, 0), ("test", 60, 1)):
+        texts, ids = fixtures.make_texts(n, seed=seed)
+        write_parquet(folder, split, {"text": texts, "label": [names[y] for y in ids]})
+    test_labels = [names[y] for y in fixtures.make_texts(60, seed=1)[1]]
+    cfg = load_config(tiny_params, {"data_dir": str(folder), "label_names": None, "epochs": 1})
+    data = prepare_data(cfg, tokenizer=tiny_tokenizer)
+    assert data.label_names == names
+    run = tmp_path / "run"
+    train(cfg, run, data, progress=False)
+    m = evaluate_run(cfg, run, data, progress=False)["metrics"]
+    assert load_checkpoint(run / "model.pt")["label_names"] == names
+    assert m["label_names"] == list(m["per_class"]) == names == read_metrics(run)["label_names"]
+    assert [row_sum for row_sum in map(sum, m["confusion_matrix"])] == [test_labels.count(n) for n in names]
+    assert [m["per_class"][n]["support"] for n in names] == [test_labels.count(n) for n in names]
+    report = (run / "classification_report.txt").read_text()
+    assert report.index("1 star") < report.index("2 stars") < report.index("10 stars")
+    assert list(Predictor.from_run(run).predict("a goal")[0]["probabilities"]) == names
 
 
 def test_string_labels_follow_label_names_order(tmp_path, cfg_for, tiny_tokenizer):
@@ -132,12 +197,17 @@ def test_int_label_outside_label_names(tiny_cfg, tiny_tokenizer):
     assert "label_names" in str(e.value)
 
 
-def test_string_label_outside_label_names(tmp_path, cfg_for, tiny_tokenizer):
+@pytest.mark.parametrize("where", ["train", "test_only"])
+def test_string_label_outside_label_names(tmp_path, cfg_for, tiny_tokenizer, where):
     folder = fixtures.make_tiny_dataset(tmp_path / "s", n_train=60, n_test=20, string_labels=True)
+    if where == "train":  # label_names leaves out a class of the data
+        cfg, bad = cfg_for(folder, label_names=["sports", "business"]), "'science'"
+    else:  # a label that appears only in the test split
+        write_parquet(folder, "test", {"text": ["a football match", "a new planet"], "label": ["sports", "weather"]})
+        cfg, bad = cfg_for(folder), "'weather'"
     with pytest.raises(DataError) as e:
-        prepare_data(cfg_for(folder, label_names=["sports", "business"]), tokenizer=tiny_tokenizer)
-    assert "science" in str(e.value)
-    assert "label_names" in str(e.value)
+        prepare_data(cfg, tokenizer=tiny_tokenizer)
+    assert bad in str(e.value) and "label_names" in str(e.value)
 
 
 def test_int_labels_not_0_to_k(tmp_path, cfg_for, tiny_tokenizer):
@@ -207,15 +277,6 @@ def test_other_column_names(tmp_path, cfg_for, tiny_tokenizer):
     assert "extra" not in d.splits["test"].column_names
 
 
-def test_empty_split(tmp_path, cfg_for, tiny_tokenizer):
-    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
-    schema = pa.schema([("text", pa.string()), ("label", pa.int64())])
-    write_parquet(folder, "test", {"text": [], "label": []}, schema=schema)
-    with pytest.raises(DataError) as e:
-        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
-    assert "test split" in str(e.value) and "empty" in str(e.value)  # (the tmp path holds "test" too)
-
-
 def test_null_text(tmp_path, cfg_for, tiny_tokenizer):
     folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
     df = pd.read_parquet(folder / "train.parquet")
@@ -236,15 +297,66 @@ def test_null_label(tmp_path, cfg_for, tiny_tokenizer):
         prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
 
 
-def test_empty_text_allowed(tmp_path, cfg_for, tiny_tokenizer):
+def test_text_and_label_column_the_same(tmp_path, cfg_for, tiny_tokenizer):
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
+    with pytest.raises(DataError, match="both 'label'"):
+        prepare_data(cfg_for(folder, text_column="label"), tokenizer=tiny_tokenizer)
+
+
+def test_text_column_that_is_not_text(tmp_path, cfg_for, tiny_tokenizer):
+    folder = tmp_path / "d"
+    for split in ("train", "test"):
+        write_parquet(folder, split, {"text": ["a b"] * 6, "label": [0, 1] * 3, "views": list(range(6))})
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg_for(folder, text_column="views"), tokenizer=tiny_tokenizer)
+    assert "'views'" in str(e.value) and "not text" in str(e.value) and "['text', 'label', 'views']" in str(e.value)
+
+
+def test_label_column_of_lists(tmp_path, cfg_for, tiny_tokenizer):
+    folder = tmp_path / "d"
+    for split in ("train", "test"):
+        write_parquet(folder, split, {"text": ["a b"] * 6, "label": [0, 1] * 3, "tags": [[1, 2]] * 6})
+    with pytest.raises(DataError, match="'tags'.*not one label per row"):
+        prepare_data(cfg_for(folder, label_column="tags", label_names=None), tokenizer=tiny_tokenizer)
+
+
+def test_label_column_called_text(tmp_path, cfg_for, tiny_tokenizer):
+    """Columns body (texts) and text (labels): renaming used to collide (KeyError inside datasets)."""
+    texts, labels = fixtures.make_texts(60, seed=3)
+    folder = tmp_path / "d"
+    write_parquet(folder, "train", {"body": texts, "text": [fixtures.LABEL_NAMES[y] for y in labels]})
+    write_parquet(folder, "test", {"body": texts[:9], "text": [fixtures.LABEL_NAMES[y] for y in labels[:9]]})
+    d = prepare_data(cfg_for(folder, text_column="body", label_column="text"), tokenizer=tiny_tokenizer)
+    assert d.splits["test"]["text"] == texts[:9]
+    assert [d.label_names[y] for y in d.splits["test"]["label"]] == [fixtures.LABEL_NAMES[y] for y in labels[:9]]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_empty_split_file(tmp_path, cfg_for, tiny_tokenizer, split, fmt):
+    """A split file without rows (csv: header only) is named as empty, not 'an error occurred while generating'."""
+    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10, fmt=fmt)
+    empty = folder / f"{split}.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"text": [], "label": []}, schema=pa.schema([("text", pa.string()), ("label", pa.int64())])), empty)
+    else:
+        empty.write_text("text,label\n" if fmt == "csv" else "")
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
+    assert f"The {split} split" in str(e.value) and "is empty" in str(e.value) and empty.name in str(e.value)
+
+
+def test_whitespace_only_text_is_kept_as_special_tokens_only(tmp_path, cfg_for, tiny_tokenizer):
+    """The documented rule: empty (and blank) texts are kept and become [CLS] [SEP]; the model reads them."""
     folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=60, n_test=20)
-    df = pd.read_parquet(folder / "test.parquet")
-    df.loc[0, "text"] = ""
-    df.to_parquet(folder / "test.parquet", index=False)
+    texts, labels = fixtures.make_texts(20, seed=1_000_003)
+    texts[0], texts[1] = "", "   \n\t "
+    write_parquet(folder, "test", {"text": texts, "label": labels})
     d = prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
-    row = [r for r in d.splits["test"] if r["text"] == ""]
-    assert len(row) == 1
-    assert row[0]["input_ids"] == [tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id]
+    blank = [r for r in d.splits["test"] if not r["text"].strip()]
+    assert len(blank) == 2
+    for r in blank:
+        assert r["input_ids"] == [tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id]
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -323,24 +435,18 @@ def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(DataError, match="is a file"):
         f = tmp_path / "vocab.txt"
         f.write_text("[PAD]\n")
-        hd.load_tokenizer(str(f))
+        load_tokenizer(str(f))
     empty = tmp_path / "empty_tok"
     empty.mkdir()
     with pytest.raises(DataError, match="empty_tok"):
-        hd.load_tokenizer(str(empty))
-
-
-def test_hub_tokenizer_offline_gives_data_error(monkeypatch):
-    _keep_offline_state(monkeypatch)
-    with pytest.raises(DataError, match="tokenizer"):
-        hd.load_tokenizer("hybridlib-no-such-org/no-such-tokenizer")
+        load_tokenizer(str(empty))
 
 
 def test_tokenizer_fingerprint(tiny_tokenizer, tmp_path):
-    fp = hd.tokenizer_fingerprint(tiny_tokenizer)
-    assert fp == hd.tokenizer_fingerprint(tiny_tokenizer)
-    other = hd.load_tokenizer(str(fixtures.make_tiny_tokenizer(tmp_path / "t2", vocab_size=300)))
-    assert hd.tokenizer_fingerprint(other) != fp
+    fp = tokenizer_fingerprint(tiny_tokenizer)
+    assert fp == tokenizer_fingerprint(tiny_tokenizer)
+    other = load_tokenizer(str(fixtures.make_tiny_tokenizer(tmp_path / "t2", vocab_size=300)))
+    assert tokenizer_fingerprint(other) != fp
 
 
 def test_tokenizing_twice_hits_the_cache(tmp_path, cfg_for, tiny_tokenizer, monkeypatch):
@@ -412,36 +518,7 @@ def test_head_truncation_keeps_the_head(tmp_path, cfg_for, tiny_tokenizer):
     assert ids[-1] == tiny_tokenizer.sep_token_id
 
 
-# ----------------------------------------------------------------------------- offline hub
-
-
-def _keep_offline_state(monkeypatch):
-    """go_offline() mutates env and module globals: record them so monkeypatch restores them."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.delenv("HYBRIDLIB_DATA_DIR", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
-    if hasattr(datasets.config, "HF_DATASETS_OFFLINE"):
-        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
-
-
-def test_hub_unreachable_offline():
-    assert hd.hub_reachable() is False  # HF_HUB_OFFLINE=1: no network attempt at all
-
-
-def test_hub_dataset_offline_gives_data_error(monkeypatch):
-    _keep_offline_state(monkeypatch)
-    cfg = load_config(overrides={"dataset": "imdb"})
-    assert cfg.data_dir is None
-    # Only DataError may escape (any other exception, e.g. a connection error after retries, fails the test).
-    with pytest.raises(DataError) as e:
-        load_raw(cfg)
-    assert "data_dir" in str(e.value)
-    assert "imdb" in str(e.value)
+# ----------------------------------------------------------------------------- local data folder (the hub is tested in test_cli.py)
 
 
 def test_hybridlib_data_dir_env(tmp_path, monkeypatch, tiny_data_dir):
@@ -450,7 +527,7 @@ def test_hybridlib_data_dir_env(tmp_path, monkeypatch, tiny_data_dir):
     shutil.copytree(tiny_data_dir, tmp_path / "tiny")
     monkeypatch.setenv("HYBRIDLIB_DATA_DIR", str(tmp_path))
     cfg = load_config(overrides={"dataset": "tiny"})
-    assert hd.resolve_data_dir(cfg) == tmp_path / "tiny"
+    assert resolve_data_dir(cfg) == tmp_path / "tiny"
     raw = load_raw(cfg)
     assert len(raw["train"]) == 240 and len(raw["test"]) == 80
 
@@ -561,7 +638,7 @@ def test_loader_pads_per_batch(tiny_cfg, tiny_tokenizer):
     lengths = np.asarray(ds["length"])
     assert lengths.max() == tiny_cfg.max_length and lengths.min() < tiny_cfg.max_length // 2
     widths, seen = [], []
-    loader = hd.make_loader(ds, tiny_cfg, d.pad_id, train=True, epoch=1)
+    loader = make_loader(ds, tiny_cfg, d.pad_id, train=True, epoch=1)
     sampler_batches = list(loader.batch_sampler)
     for batch, idx in zip(loader, sampler_batches, strict=True):
         assert batch["input_ids"].shape[1] == lengths[idx].max()

@@ -1,9 +1,10 @@
-"""Distributed training: 2 CPU processes (gloo) launched by hybridlib.distributed.fit, as the notebook does.
+"""Distributed training: 2 CPU processes (gloo) launched by hybridlib.training.fit, as the notebook does.
 
 One real 2-process run (module fixture) is checked against a single-process run of the same global
 batch size. Each worker runs through ``traced_worker``, which records (in the worker process) the
-training indices its sampler handed out and every file it opened for writing under the run folder.
-Cost: ~15-35 s on a 2-core machine, almost all of it the workers' start-up (imports).
+training indices its sampler handed out, every file it opened for writing under the run folder and
+torch's thread count when training starts and ends. Cost: ~15-35 s on a 2-core machine, almost all
+of it the workers' start-up (imports).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybridlib import distributed
+from hybridlib import distributed, training
+from hybridlib.artifacts import LOG_COLUMNS
 from hybridlib.config import load_config
 from hybridlib.errors import ConfigError, RunError
-from hybridlib.training import LOG_COLUMNS
 
 TRACE_ENV = "HYBRIDLIB_TEST_TRACE_DIR"
 
@@ -32,8 +33,8 @@ WEIGHT_TOL = 1e-3  # max |w_ddp - w_single| of the saved best model (measured: ~
 
 
 def traced_worker(cfg, run_dir, data, progress=True):
-    """hybridlib.distributed.train_worker, recording what this rank read and wrote (runs in the worker)."""
-    from hybridlib.data import LengthBucketSampler
+    """hybridlib.training.train_worker, recording what this rank read and wrote (runs in the worker)."""
+    from hybridlib.batching import LengthBucketSampler
 
     rank = int(os.environ["RANK"])
     run_root = os.path.abspath(run_dir)
@@ -61,15 +62,26 @@ def traced_worker(cfg, run_dir, data, progress=True):
             if p == run_root or p.startswith(run_root + os.sep):
                 writes.append(os.path.relpath(p, run_root))
 
+    threads = {}
+    real_train = training.train
+
+    def recording_train(*args, **kwargs):
+        threads["start"] = torch.get_num_threads()  # as the process group set it
+        out = real_train(*args, **kwargs)
+        threads["end"] = torch.get_num_threads()  # as the run's num_threads set it
+        return out
+
     LengthBucketSampler.__iter__ = recording_iter
+    training.train = recording_train  # train_worker calls it inside the process group
     sys.addaudithook(audit)
-    result = distributed.train_worker(cfg, run_dir, data, progress)
+    result = training.train_worker(cfg, run_dir, data, progress)
     record = {
         "rank": rank,
         "batches": batches,
         "writes": writes,
         "cache_files": [f["filename"] for f in data.splits["train"].cache_files],
-        "num_threads": torch.get_num_threads(),
+        "cpus": distributed._cpu_count(),
+        "threads": threads,
     }
     Path(os.environ[TRACE_ENV], f"rank{rank}.json").write_text(json.dumps(record))
     return result
@@ -85,13 +97,13 @@ def runs(tmp_path_factory, tiny_params):
     data = prepare_data(cfg2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(TRACE_ENV, str(tmp))
-        mp.setattr(distributed, "train_worker", traced_worker)
-        res2 = distributed.fit(cfg2, tmp / "ddp", data, progress=False)
+        mp.setattr(training, "train_worker", traced_worker)
+        res2 = training.fit(cfg2, tmp / "ddp", data, progress=False)
     traces = {r: json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)}
 
     cfg1 = load_config(tiny_params, {**COMPARABLE, "num_processes": 1})
-    res1 = distributed.fit(cfg1, tmp / "single", data, progress=False)  # one process: trains right here
-    return {"ddp": res2, "single": res1, "traces": traces, "dir": tmp, "data": data}
+    res1 = training.fit(cfg1, tmp / "single", data, progress=False)  # one process: trains right here
+    return {"ddp": res2, "single": res1, "traces": traces, "dir": tmp, "data": data, "cfg": cfg2}
 
 
 def test_ranks_read_disjoint_shards_covering_the_data(runs):
@@ -126,7 +138,15 @@ def test_workers_share_the_parents_tokenized_data(runs):
     parent = [f["filename"] for f in runs["data"].splits["train"].cache_files]
     assert parent, "prepare_data should return memory-mapped (cached) splits"
     assert runs["traces"][0]["cache_files"] == runs["traces"][1]["cache_files"] == parent
-    assert runs["traces"][0]["num_threads"] == max(1, distributed._cpu_count() // 2)
+
+
+def test_workers_share_the_cores_then_use_the_runs_num_threads(runs):
+    """Joining the process group, each of the 2 CPU workers takes its share of this process's cores (at least 1);
+    in training, the run's num_threads (the tiny params pin 1) is what counts. No core count is assumed."""
+    assert runs["cfg"].num_threads == 1
+    for trace in runs["traces"].values():
+        assert trace["threads"]["start"] == max(1, trace["cpus"] // 2)
+        assert trace["threads"]["end"] == runs["cfg"].num_threads
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
@@ -144,20 +164,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 
 def test_fit_with_one_process_is_train(tiny_params, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(distributed, "train", lambda *a, **k: calls.append(a) or "trained")
-    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("must not launch workers"))
-    assert distributed.fit(load_config(tiny_params), tmp_path / "run") == "trained"
+    monkeypatch.setattr(training, "train", lambda *a, **k: calls.append(a) or "trained")
+    monkeypatch.setattr(training, "launch", lambda *a, **k: pytest.fail("must not launch workers"))
+    assert training.fit(load_config(tiny_params), tmp_path / "run") == "trained"
     assert len(calls) == 1
 
 
 def test_bad_settings_fail_before_any_worker_starts(tiny_params, tmp_path, monkeypatch):
-    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("must not launch workers"))
+    monkeypatch.setattr(training, "launch", lambda *a, **k: pytest.fail("must not launch workers"))
     with pytest.raises(ConfigError, match="multiple of the number of processes"):
-        distributed.fit(load_config(tiny_params, {"num_processes": 3, "batch_size": 16}), tmp_path / "a")
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "model.pt").write_bytes(b"")
-    with pytest.raises(RunError, match="never overwrites"):
-        distributed.fit(load_config(tiny_params, {"num_processes": 2}), tmp_path / "b")
+        training.fit(load_config(tiny_params, {"num_processes": 3, "batch_size": 16}), tmp_path / "a")
+    # (an existing run folder is refused before any worker starts too: test_reliability.test_a_run_is_never_overwritten)
 
 
 def test_backend_is_gloo_on_cpu_and_nccl_on_cuda():

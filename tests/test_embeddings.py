@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -10,13 +12,14 @@ from hybridlib.config import Config
 from hybridlib.embeddings import (
     cooccurrences,
     init_from_training_texts,
+    initialise_embedding,
     load_pretrained_embeddings,
     ppmi_vectors,
     project,
-    zero_unseen_rows,
 )
 from hybridlib.errors import ConfigError
-from hybridlib.model import build_model, for_loading
+from hybridlib.model import build_model
+from hybridlib.training import init_model, make_optimizer
 
 V = 60
 
@@ -71,64 +74,59 @@ def test_init_from_training_texts_overwrites_seen_rows_only():
     assert torch.equal(after[0], torch.zeros(8))
 
 
-def test_build_model_with_ppmi_needs_the_training_data(tiny_cfg, tiny_tokenizer):
-    from hybridlib.data import prepare_data
+def fake_data(vocab_size: int = V, train_ids: list[list[int]] | None = None) -> SimpleNamespace:
+    """What init_model reads of a hybridlib.data.Data: sizes, labels, pad id, special ids, the training token ids."""
+    tok = SimpleNamespace(all_special_ids=[0, 1, 2])
+    return SimpleNamespace(vocab_size=vocab_size, label_names=["a", "b", "c"], pad_id=0, tokenizer=tok,
+                           splits={"train": {"input_ids": corpus() if train_ids is None else train_ids}})
 
-    tiny_cfg.pretrained_embeddings = "ppmi"
-    with pytest.raises(ConfigError, match="pass data="):
-        build_model(tiny_cfg, len(tiny_tokenizer), 3)
-    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
-    torch.manual_seed(0)
-    plain = build_model(Config(**{**tiny_cfg.to_dict(), "pretrained_embeddings": None}), data.vocab_size, 3, data.pad_id)
-    torch.manual_seed(0)
-    model = build_model(tiny_cfg, data.vocab_size, 3, data.pad_id, data)
+
+def small_cfg(**overrides) -> Config:
+    return Config(**{"embed_dim": 8, "lstm_hidden": 4, "cnn_filters": 3, "mlp_hidden": 5, "seed": 3, **overrides})
+
+
+def test_ppmi_through_init_model_changes_the_seen_rows_only():
+    """init_model: the same seed gives the same weights; ppmi then overwrites exactly the rows of the tokens in the
+    training split (specials skipped) and leaves every other parameter as without it."""
+    data = fake_data()
+    plain = init_model(small_cfg(), data, torch.device("cpu"))
+    again = init_model(small_cfg(), data, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), again.state_dict().values()))
+    model = init_model(small_cfg(pretrained_embeddings="ppmi"), data, torch.device("cpu"))
     changed = (model.embedding.weight != plain.embedding.weight).any(1)
-    seen = {t for ids in data.splits["train"]["input_ids"] for t in ids} - set(data.tokenizer.all_special_ids)
-    assert set(torch.nonzero(changed).flatten().tolist()) == seen
-    # the rest of the model is initialised exactly as without it
+    assert set(torch.nonzero(changed).flatten().tolist()) == {10, 11, 12, *range(20, 25), *range(30, 35)}
     for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
         if name != "embedding.weight":
             assert torch.equal(a, b), name
+    w = model.embedding.weight.detach().numpy()
+    assert cos(w[10], w[11]) > cos(w[10], w[12]) + 0.5  # the PPMI geometry survived
+    # resuming: the weights come from last.pt, the training split is not read
+    skipped = init_model(small_cfg(pretrained_embeddings="ppmi"), fake_data(train_ids=[]), torch.device("cpu"),
+                         pretrained=False)
+    assert torch.equal(skipped.embedding.weight, plain.embedding.weight)
 
 
-def test_zero_unseen_rows_zeroes_exactly_the_tokens_absent_from_the_texts():
-    emb = torch.nn.Embedding(V, 8, padding_idx=0)
-    before = emb.weight.detach().clone()
-    n = zero_unseen_rows(emb, corpus())
-    seen = [1, 2, 10, 11, 12, *range(20, 25), *range(30, 35)]  # specials count: they occur
-    assert n == V - len(seen)
-    unseen = [i for i in range(V) if i not in seen]
-    assert torch.equal(emb.weight[unseen], torch.zeros(len(unseen), 8))
-    assert torch.equal(emb.weight[seen], before[seen])
+def test_ppmi_needs_the_training_token_ids():
+    with pytest.raises(ConfigError, match="ppmi is computed from the training split"):
+        initialise_embedding(torch.nn.Embedding(V, 8), "ppmi")
 
 
-def test_unseen_embeddings_zero_stay_zero_through_training_and_load_without_data(tiny_cfg, tiny_tokenizer):
-    from hybridlib.data import Collator, prepare_data
-
-    tiny_cfg.unseen_embeddings = "zero"
-    with pytest.raises(ConfigError, match="unseen_embeddings: zero needs the training split"):
-        build_model(tiny_cfg, len(tiny_tokenizer), 3)
-    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
-    model = build_model(tiny_cfg, data.vocab_size, 3, data.pad_id, data)
-    seen = torch.zeros(data.vocab_size, dtype=torch.bool)
-    for ids in data.splits["train"]["input_ids"]:
-        seen[torch.tensor(ids)] = True
-    zero = model.embedding.weight.eq(0).all(1)
-    assert 0 < int((~seen).sum()) and torch.equal(zero, ~seen)
-    # training steps (AdamW with weight decay) move the rows they use and leave the unseen ones at zero
-    batch = Collator(data.pad_id)([data.splits["train"][i] for i in range(16)])
-    before = model.embedding.weight.detach().clone()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
-    for _ in range(2):
-        loss = torch.nn.functional.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert torch.equal(model.embedding.weight[~seen], torch.zeros(int((~seen).sum()), tiny_cfg.embed_dim))
-    used = batch["input_ids"][batch["attention_mask"]].unique()
-    assert (model.embedding.weight[used] != before[used]).any(1).all()
-    # a saved model is rebuilt without the training data
-    assert build_model(for_loading(tiny_cfg), data.vocab_size, 3, data.pad_id).embedding.weight.shape[0] == data.vocab_size
+@pytest.mark.parametrize("freeze", [False, True])
+def test_vectors_from_a_file_through_init_model_and_freeze(tmp_path, freeze):
+    """pretrained_embeddings: a .npy/.pt file of the vocabulary's vectors; freeze_embeddings keeps them fixed
+    (init_model sets it; build_model only builds the architecture)."""
+    mat = np.random.default_rng(1).standard_normal((V, 8)).astype(np.float32)
+    np.save(tmp_path / "vecs.npy", mat)
+    torch.save(torch.from_numpy(mat), tmp_path / "vecs.pt")
+    for path in (tmp_path / "vecs.npy", tmp_path / "vecs.pt"):
+        cfg = small_cfg(pretrained_embeddings=str(path), freeze_embeddings=freeze)
+        model = init_model(cfg, fake_data(), torch.device("cpu"))
+        assert torch.allclose(model.embedding.weight[1:], torch.from_numpy(mat[1:]))
+        assert torch.equal(model.embedding.weight[0], torch.zeros(8))  # the pad row stays zero
+        assert model.embedding.weight.requires_grad is not freeze
+        assert build_model(cfg, V, 3).embedding.weight.requires_grad  # the architecture alone: nothing frozen
+        trainable = {id(p) for p in make_optimizer(model, cfg).param_groups[0]["params"] if p.requires_grad}
+        assert (id(model.embedding.weight) in trainable) is not freeze
 
 
 def test_vectors_from_a_file_are_projected_to_embed_dim(tmp_path):

@@ -53,15 +53,13 @@ def pad_batch(seqs: list[torch.Tensor], pad_id: int = 0, extra: int = 0) -> tupl
 
 MODEL_VARIANTS = [
     dict(branches=branches, lstm_pooling=pooling, lstm_layers=layers)
-    for branches, pooling, layers in itertools.product(
-        [["cnn"], ["lstm"], ["cnn", "lstm"]], ["max", "mean", "both"], [1, 2]
-    )
+    for branches, pooling, layers in itertools.product([["cnn"], ["lstm"], ["cnn", "lstm"]], ["max", "mean"], [1, 2])
     if not (branches == ["cnn"] and (pooling != "max" or layers != 1))  # LSTM settings do not matter for cnn only
-] + [dict(branches=["cnn", "lstm"], lstm_pooling="both", lstm_layers=2, branch_norm=True)]
+] + [dict(branches=["cnn", "lstm"], lstm_pooling="mean", lstm_layers=2, branch_aux_loss=0.5)]
 
 
 def variant_id(v):
-    return "+".join(v["branches"]) + f"-{v['lstm_pooling']}-L{v['lstm_layers']}" + ("-norm" if v.get("branch_norm") else "")
+    return "+".join(v["branches"]) + f"-{v['lstm_pooling']}-L{v['lstm_layers']}" + ("-aux" if v.get("branch_aux_loss") else "")
 
 
 @pytest.mark.parametrize("variant", MODEL_VARIANTS, ids=variant_id)
@@ -83,7 +81,7 @@ def test_features_unchanged_by_extra_padding(variant, length):
 
 @pytest.mark.parametrize("pad_id", [1, 7])
 def test_features_unchanged_by_padding_nonzero_pad_id(pad_id):
-    model = make_model(pad_id=pad_id, branches=["cnn", "lstm"], lstm_pooling="both", lstm_layers=2)
+    model = make_model(pad_id=pad_id, branches=["cnn", "lstm"], lstm_pooling="mean", lstm_layers=2)
     seq = random_ids(6, pad_id=pad_id, seed=1)
     with torch.no_grad():
         ref = model.features(*pad_batch([seq], pad_id=pad_id))
@@ -202,10 +200,15 @@ def test_output_shape_and_parameters(branches, mlp_hidden):
 
 
 def test_feature_sizes():
-    m = make_model(branches=["cnn", "lstm"], lstm_pooling="both", lstm_hidden=6, cnn_filters=5, cnn_kernel_sizes=[2, 3])
     ids, mask = pad_batch([random_ids(5)])
-    with torch.no_grad():
-        assert m.features(ids, mask).shape == (1, 2 * 6 * 2 + 5 * 2)
+    for pooling in ("max", "mean"):
+        m = make_model(branches=["cnn", "lstm"], lstm_pooling=pooling, lstm_hidden=6, cnn_filters=5, cnn_kernel_sizes=[2, 3])
+        with torch.no_grad():
+            parts = m.branch_features(ids, mask)
+            assert list(parts) == ["lstm", "cnn"]  # the concat order
+            assert parts["lstm"].shape == (1, 2 * 6) and parts["cnn"].shape == (1, 5 * 2)
+            assert torch.equal(m.features(ids, mask), torch.cat([parts["lstm"], parts["cnn"]], dim=1))
+            assert torch.equal(m.classify(parts), m(ids, mask))
     m = make_model(branches=["lstm"], lstm_pooling="max", lstm_hidden=6)
     with torch.no_grad():
         assert m.features(ids, mask).shape == (1, 12)
@@ -214,11 +217,12 @@ def test_feature_sizes():
         assert m.features(ids, mask).shape == (1, 15)
 
 
-def test_count_parameters_ignores_frozen():
+def test_count_parameters_counts_frozen_ones_too():
+    """The model's size (metrics.json num_parameters): frozen embeddings included, as a rebuilt model has them."""
     model = make_model()
     total = count_parameters(model)
     model.embedding.weight.requires_grad_(False)
-    assert count_parameters(model) == total - VOCAB * 8
+    assert count_parameters(model) == total == sum(p.numel() for p in model.parameters())
 
 
 def test_eval_is_deterministic_and_train_mode_uses_dropout():
@@ -251,38 +255,37 @@ def test_model_learns_a_trivial_task():
         assert (model(ids, mask).argmax(1) == y).float().mean().item() == 1.0
 
 
-@pytest.mark.parametrize("inference_mode", [False, True])
-def test_cnn_beside_lstm_gives_the_same_features(inference_mode, monkeypatch):
-    """Without autograd on one CPU thread the CNN branch runs on a second thread: same numbers as in turn."""
-    model = make_model(branches=["cnn", "lstm"], lstm_pooling="both", lstm_layers=2)
-    ids, mask = pad_batch([random_ids(n, seed=n) for n in (2, 7, 12)])
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert not HybridClassifier._cnn_beside_lstm(torch.zeros(1))  # autograd on: one after the other
-        with torch.inference_mode() if inference_mode else torch.no_grad():
-            assert HybridClassifier._cnn_beside_lstm(torch.zeros(1))
-            beside = model.features(ids, mask)
-            monkeypatch.setattr(HybridClassifier, "_cnn_beside_lstm", staticmethod(lambda x: False))
-            in_turn = model.features(ids, mask)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(beside, in_turn)
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+def test_lstm_pooling_over_the_real_tokens(pooling):
+    """max: the largest output over the text's positions; mean: their average (pads excluded either way)."""
+    torch.manual_seed(0)
+    lstm = BiLSTMBranch(3, 4, 1, pooling, 0.0).eval()
+    x = torch.randn(2, 6, 3)
+    lengths = torch.tensor([6, 3])
+    mask = torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)
+    with torch.no_grad():
+        out = lstm(x, mask, lengths)
+        for i, n in enumerate(lengths.tolist()):
+            alone = lstm(x[i : i + 1, :n], mask[i : i + 1, :n], lengths[i : i + 1])
+            torch.testing.assert_close(out[i : i + 1], alone, atol=ATOL, rtol=0)
+            f, _ = lstm.fwd[0](x[i : i + 1, :n])
+            b, _ = lstm.bwd[0](x[i : i + 1, :n].flip(1))
+            seq = torch.cat([f, b.flip(1)], dim=-1)
+            expect = seq.amax(dim=1) if pooling == "max" else seq.mean(dim=1)
+            torch.testing.assert_close(out[i : i + 1], expect, atol=ATOL, rtol=0)
 
 
-def test_branch_norm_puts_each_branch_on_the_same_scale():
-    """branch_norm: each branch's pooled features are layer-normalised (mean 0, std 1 per text before the
-    affine part, which starts at identity); off, the model has no norm parameters (old checkpoints load)."""
-    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12)])
-    model = make_model(branches=["cnn", "lstm"], branch_norm=True)
-    feats = model.features(ids, mask)
-    lstm_dim = model.lstm.out_dim
-    for part in (feats[:, :lstm_dim], feats[:, lstm_dim:]):
-        assert torch.allclose(part.mean(dim=1), torch.zeros(3), atol=1e-5)
-        assert torch.allclose(part.std(dim=1, unbiased=False), torch.ones(3), atol=1e-3)
-    plain = make_model(branches=["cnn", "lstm"])
-    assert not any("norm" in k for k in plain.state_dict())
-    assert plain.features(ids, mask)[:, lstm_dim:].abs().max() > 1  # the CNN's ReLU maxima are not bounded
+def test_build_model_builds_the_architecture_only():
+    """build_model reads the model group alone: training options (pretrained vectors, freezing, the seed) are
+    init_model's (hybridlib.training), so a saved model is rebuilt from its checkpoint's config without data."""
+    cfg = tiny_config(pretrained_embeddings="ppmi", freeze_embeddings=True, lr=0.5, seed=7)
+    torch.manual_seed(0)
+    a = build_model(cfg, VOCAB, CLASSES)
+    torch.manual_seed(0)
+    b = build_model(tiny_config(), VOCAB, CLASSES)
+    assert a.embedding.weight.requires_grad
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
 
 
 def test_branch_aux_heads_classify_each_branch_alone():
@@ -325,6 +328,27 @@ def test_branch_aux_loss_trains_the_branch_heads_and_logs_the_joint_loss():
         assert not torch.equal(before[name], after[name])
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_label_smoothing_applies_to_the_joint_and_the_branch_losses(smoothing):
+    """The loss a training step optimises: CE(joint, smoothed) + w * mean CE(branch, smoothed); the log shows the first."""
+    import torch.nn.functional as F
+
+    from hybridlib.training import step_losses
+
+    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12, 5)])
+    y = torch.tensor([0, 1, 2, 1])
+    cfg = tiny_config(branches=["cnn", "lstm"], branch_aux_loss=0.5, label_smoothing=smoothing)
+    model = make_model(branches=["cnn", "lstm"], branch_aux_loss=0.5)  # eval mode: no dropout
+    loss, total, logits = step_losses(model, ids, mask, y, cfg, torch.device("cpu"), None)
+    _, aux = model(ids, mask, with_aux=True)
+    joint = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    branch = sum(F.cross_entropy(a, y, label_smoothing=smoothing) for a in aux.values()) / len(aux)
+    assert loss.item() == pytest.approx(joint.item(), rel=1e-6)
+    assert total.item() == pytest.approx((joint + 0.5 * branch).item(), rel=1e-6)
+    if smoothing:
+        assert loss.item() != pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("freeze", [False, True])
 def test_adversarial_perturbation_has_norm_eps_per_text_spares_padding_and_raises_the_loss(freeze):
     import torch.nn.functional as F
@@ -333,7 +357,8 @@ def test_adversarial_perturbation_has_norm_eps_per_text_spares_padding_and_raise
 
     ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12, 5)])
     y = torch.tensor([0, 1, 2, 1])
-    model = make_model(dropout=0.0, embed_dropout=0.0, freeze_embeddings=freeze)
+    model = make_model(dropout=0.0, embed_dropout=0.0)
+    model.embedding.weight.requires_grad_(not freeze)  # freeze_embeddings, as init_model sets it
     with embedding_tap(model.embedding) as tap:
         loss = F.cross_entropy(model(ids, mask), y)
     loss.backward()

@@ -1,15 +1,19 @@
-"""`python -m hybridlib predict`: texts from --text, --file and stdin; a table, or JSON lines with --json."""
+"""`hybridlib predict`: texts from --text, --file and stdin; a table, or JSON lines with --json.
+
+Through ``hybridlib.cli.main`` in this process (test_cli.py starts ``python -m hybridlib`` itself).
+"""
 
 from __future__ import annotations
 
+import io
 import json
-import subprocess
 import sys
 
 import pytest
 from tiny_run import tiny_run
 
 from hybridlib import Predictor
+from hybridlib.cli import main
 
 LABELS = ["sports", "business", "science"]
 
@@ -19,19 +23,25 @@ def checkpoint(tmp_path_factory):
     return tiny_run(tmp_path_factory) / "model.pt"
 
 
-def predict(*args, stdin=None, timeout=180):
-    return subprocess.run(
-        [sys.executable, "-m", "hybridlib", "predict", *map(str, args)],
-        input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-        capture_output=True, text=True, encoding="utf-8", timeout=timeout,
-    )
+@pytest.fixture
+def predict(capsys, monkeypatch):
+    """predict(*args, stdin="") -> (exit code, stdout, stderr) of `hybridlib predict ARGS` in this process."""
+
+    def run(*args, stdin: str = ""):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        code = main(["predict", *map(str, args)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
 
 
-def test_text_prints_a_table(checkpoint):
-    r = predict("--checkpoint", checkpoint, "--text", "The team scored a goal in the match.",
-                "--text", "Shares fell as the company reported weak earnings.")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
+def test_text_prints_a_table(checkpoint, predict):
+    code, out, err = predict("--checkpoint", checkpoint, "--text", "The team scored a goal in the match.",
+                             "--text", "Shares fell as the company reported weak earnings.")
+    assert code == 0, err
+    lines = out.strip().splitlines()
     assert lines[0].split() == ["label", *LABELS, "text"]
     assert len(lines) == 3
     assert lines[1].split()[0] == "sports" and lines[1].endswith("The team scored a goal in the match.")
@@ -40,12 +50,12 @@ def test_text_prints_a_table(checkpoint):
     assert sum(probs) == pytest.approx(1.0, abs=2e-4)
 
 
-def test_file_with_json_lines(checkpoint, tmp_path):
+def test_file_with_json_lines(checkpoint, predict, tmp_path):
     f = tmp_path / "texts.txt"
     f.write_text("The coach praised the team.\n\n   \nStock markets and investors 😀\n", encoding="utf-8")
-    r = predict("--checkpoint", checkpoint, "--file", f, "--json")
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    code, out, err = predict("--checkpoint", checkpoint, "--file", f, "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.strip().splitlines()]
     assert [row["text"] for row in rows] == ["The coach praised the team.", "Stock markets and investors 😀"]
     for row in rows:
         assert set(row) == {"text", "label", "index", "probabilities"}
@@ -53,30 +63,33 @@ def test_file_with_json_lines(checkpoint, tmp_path):
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_stdin_and_a_run_folder(checkpoint):
-    r = predict("--checkpoint", checkpoint.parent, "--json",
-                stdin="Scientists study cells in the laboratory.\r\nThe team won the match.\n")
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+def test_stdin_and_a_run_folder(checkpoint, predict):
+    """Texts piped in (Windows line ends too), the run folder given instead of its model.pt."""
+    code, out, err = predict("--checkpoint", checkpoint.parent, "--json",
+                             stdin="Scientists study cells in the laboratory.\r\n\nThe team won the match.\n")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.strip().splitlines()]
     assert [row["text"] for row in rows] == ["Scientists study cells in the laboratory.", "The team won the match."]
     assert all(row["label"] in LABELS for row in rows)
 
 
-def test_errors_are_one_line_and_exit_2(checkpoint, tmp_path):
-    r = predict("--checkpoint", checkpoint)  # no text, empty stdin
-    assert r.returncode == 2 and "Nothing to predict" in r.stderr and "Traceback" not in r.stderr
-    r = predict("--checkpoint", tmp_path / "missing.pt", "--text", "x")
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
-    r = predict("--checkpoint", checkpoint, "--file", tmp_path / "nope.txt")
-    assert r.returncode == 2 and "Cannot read --file" in r.stderr and "Traceback" not in r.stderr
+def test_errors_are_one_line_and_exit_2(checkpoint, predict, tmp_path):
+    for args, needle in (
+        (["--checkpoint", checkpoint], "Nothing to predict"),  # no text, empty stdin
+        (["--checkpoint", tmp_path / "missing.pt", "--text", "x"], "does not exist"),
+        (["--checkpoint", checkpoint, "--file", tmp_path / "nope.txt"], "Cannot read --file"),
+    ):
+        code, out, err = predict(*args)
+        assert code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+        assert out == ""
 
 
-def test_ensemble_flag(checkpoint):
+def test_ensemble_flag(checkpoint, predict):
     text = "The team scored a goal in the match."
-    plain = predict("--checkpoint", checkpoint.parent, "--json", "--text", text)
-    mixed = predict("--checkpoint", checkpoint, "--json", "--ensemble", "--text", text)
-    assert plain.returncode == 0 and mixed.returncode == 0, plain.stderr + mixed.stderr
-    p, m = json.loads(plain.stdout)["probabilities"], json.loads(mixed.stdout)["probabilities"]
+    code_plain, plain, _ = predict("--checkpoint", checkpoint.parent, "--json", "--text", text)
+    code_mixed, mixed, err = predict("--checkpoint", checkpoint, "--json", "--ensemble", "--text", text)
+    assert code_plain == code_mixed == 0, err
+    p, m = json.loads(plain)["probabilities"], json.loads(mixed)["probabilities"]
     assert sum(m.values()) == pytest.approx(1.0, abs=1e-5)
     weight = json.loads((checkpoint.parent / "metrics.json").read_text())["ensembles"]["model+tfidf_logreg"]["weight_other"]
     if weight > 0:

@@ -11,8 +11,8 @@ import torch
 from tiny_run import tiny_run
 
 from hybridlib import Predictor
-from hybridlib.data import encode_texts
 from hybridlib.errors import CheckpointError, ConfigError, DataError
+from hybridlib.tokens import encode_texts
 
 SPORTS = "The coach said the team scored a late goal to win the championship match."
 BUSINESS = "Shares of the company fell as investors sold stock after weak quarterly earnings."
@@ -149,6 +149,33 @@ def test_a_sequence_without_any_token_still_predicts(predictor):
     assert mask.sum().item() == 1
     with torch.no_grad():
         assert torch.isfinite(predictor.model(batch, mask)).all()
+
+
+def test_forward_runs_the_branches_side_by_side_with_the_same_logits(predictor, monkeypatch):
+    """hybridlib.prediction.forward (inference only): on one CPU thread with a second core, the CNN branch runs on a
+    second thread beside the BiLSTM, and the logits are model(ids, mask)'s, bit for bit; without a second core (or
+    with more torch threads) it is model(ids, mask) itself."""
+    from hybridlib import prediction
+
+    model = predictor.model
+    ids, mask = predictor.batch_tensors(predictor.encode([SPORTS, BUSINESS, "", "goal market " * 60]))
+    side = prediction._side
+    used = []
+    monkeypatch.setattr(prediction, "_side", lambda: used.append(1) or side())
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            expected = model(ids, mask)
+        for cores, beside in ((2, True), (1, False)):  # any machine: pretend to have that many cores
+            monkeypatch.setattr(prediction.os, "cpu_count", lambda n=cores: n)
+            used.clear()
+            got = prediction.forward(model, ids, mask)
+            assert bool(used) is beside, cores
+            assert torch.equal(got, expected), cores
+            assert not got.requires_grad
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("truncation", ["head", "head_tail"])

@@ -2,12 +2,14 @@
 checkpoints are never lost, overwritten or unsafe to load, and numerical trouble stops cleanly.
 
 Companion of test_cli.py (the same promises through ``python -m hybridlib``). Items refer to the
-issue "Reliability and safety"; tests of test_config/test_data/test_checkpoint are not repeated.
+issue "Reliability and safety"; bad params are tested in test_config.py, bad data in test_data.py,
+checkpoints of the previous version in test_old_runs.py, and none of them again here.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import math
 import os
@@ -28,11 +30,14 @@ import pytest
 import torch
 
 from hybridlib import training
-from hybridlib.checkpoint import get_rng_state, load_checkpoint, set_rng_state
-from hybridlib.config import load_config
-from hybridlib.data import make_loader, prepare_data
+from hybridlib.artifacts import create_run_dir, load_checkpoint
+from hybridlib.batching import make_loader
+from hybridlib.cli import main
+from hybridlib.config import load_config, save_config
+from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, ConfigError, DataError, HybridlibError, RunError
 from hybridlib.pipeline import prepare_run
+from hybridlib.runtime import get_rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parent.parent
 HYBRIDLIB_DIR = ROOT / "hybridlib"
@@ -94,8 +99,6 @@ def test_reference_run_is_a_real_run(reference):
 def test_num_threads_is_applied_to_evaluation_too(reference, tmp_path, monkeypatch):
     """`-p num_threads N` sets torch's CPU threads for the evaluation notebook (evaluate_run), not only for
     training; evaluate_checkpoint applies only a -p num_threads, not the training machine's stored value."""
-    import dataclasses
-
     from hybridlib.evaluation import evaluate_checkpoint, evaluate_run
 
     run_dir = tmp_path / "copy"
@@ -109,7 +112,8 @@ def test_num_threads_is_applied_to_evaluation_too(reference, tmp_path, monkeypat
     evaluate_checkpoint(run_dir / "model.pt", overrides={"num_threads": 5}, progress=False)
     assert calls[:1] == [5]
     ckpt = load_checkpoint(run_dir / "model.pt")
-    ckpt["config"]["num_threads"] = 7  # as if trained with -p num_threads 7 on another machine
+    # a format-1 model.pt (hybridlib 0.1.0) stored every param: as if trained with -p num_threads 7 elsewhere
+    ckpt.update(format_version=1, config={**reference["cfg"].to_dict(), "num_threads": 7})
     torch.save(ckpt, run_dir / "model.pt")
     calls.clear()
     evaluate_checkpoint(run_dir / "model.pt", progress=False)
@@ -169,104 +173,7 @@ def test_prepare_run_reads_yaml_1e_3_as_a_number(tmp_path, tiny_data_dir, tiny_t
     assert load_config(run_dir / "params.yaml").lr == 0.001
 
 
-@pytest.mark.parametrize(
-    "overrides,needle",
-    [({"seed": -1}, "'seed'"), ({"device": "gpu"}, "'device'"), ({"label_names": ["a", "b", "a"]}, "more than once"),
-     ({"branches": ["cnn", "cnn"]}, "more than once")],
-)
-def test_values_that_used_to_crash_later_are_rejected_up_front(overrides, needle):
-    """A negative seed crashed in numpy's SeedSequence, duplicate label names in datasets.ClassLabel, and a
-    device typo only at training time (after the run folder was made)."""
-    with pytest.raises(ConfigError, match=re.escape(needle)):
-        load_config(overrides=overrides)
-
-
-def test_constraint_errors_name_the_params_file(tmp_path):
-    path = tmp_path / "mine.yaml"
-    path.write_text("epochs: -1\n")
-    with pytest.raises(ConfigError, match=r"'epochs' in .*mine\.yaml"):
-        load_config(path)
-
-
 # ----------------------------------------------------------------------------- item 2: data
-
-
-@pytest.fixture
-def cfg_for(tiny_params):
-    def make(data_dir, **overrides):
-        return load_config(tiny_params, overrides={"data_dir": str(data_dir), **overrides})
-
-    return make
-
-
-def test_text_and_label_column_the_same(tmp_path, cfg_for, tiny_tokenizer):
-    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10)
-    with pytest.raises(DataError, match="both 'label'"):
-        prepare_data(cfg_for(folder, text_column="label"), tokenizer=tiny_tokenizer)
-
-
-def test_text_column_that_is_not_text(tmp_path, cfg_for, tiny_tokenizer):
-    folder = tmp_path / "d"
-    for split in ("train", "test"):
-        write_parquet(folder, split, {"text": ["a b"] * 6, "label": [0, 1] * 3, "views": list(range(6))})
-    with pytest.raises(DataError) as e:
-        prepare_data(cfg_for(folder, text_column="views"), tokenizer=tiny_tokenizer)
-    assert "'views'" in str(e.value) and "not text" in str(e.value) and "['text', 'label', 'views']" in str(e.value)
-
-
-def test_label_column_of_lists(tmp_path, cfg_for, tiny_tokenizer):
-    folder = tmp_path / "d"
-    for split in ("train", "test"):
-        write_parquet(folder, split, {"text": ["a b"] * 6, "label": [0, 1] * 3, "tags": [[1, 2]] * 6})
-    with pytest.raises(DataError, match="'tags'.*not one label per row"):
-        prepare_data(cfg_for(folder, label_column="tags", label_names=None), tokenizer=tiny_tokenizer)
-
-
-def test_label_column_called_text(tmp_path, cfg_for, tiny_tokenizer):
-    """Columns body (texts) and text (labels): renaming used to collide (KeyError inside datasets)."""
-    texts, labels = fixtures.make_texts(60, seed=3)
-    folder = tmp_path / "d"
-    write_parquet(folder, "train", {"body": texts, "text": [fixtures.LABEL_NAMES[y] for y in labels]})
-    write_parquet(folder, "test", {"body": texts[:9], "text": [fixtures.LABEL_NAMES[y] for y in labels[:9]]})
-    d = prepare_data(cfg_for(folder, text_column="body", label_column="text"), tokenizer=tiny_tokenizer)
-    assert d.splits["test"]["text"] == texts[:9]
-    assert [d.label_names[y] for y in d.splits["test"]["label"]] == [fixtures.LABEL_NAMES[y] for y in labels[:9]]
-
-
-@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_empty_split_file(tmp_path, cfg_for, tiny_tokenizer, split, fmt):
-    """A split file without rows (csv: header only) is named as empty, not 'an error occurred while generating'."""
-    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10, fmt=fmt)
-    empty = folder / f"{split}.{fmt}"
-    if fmt == "parquet":
-        pq.write_table(pa.table({"text": [], "label": []}, schema=pa.schema([("text", pa.string()), ("label", pa.int64())])), empty)
-    else:
-        empty.write_text("text,label\n" if fmt == "csv" else "")
-    with pytest.raises(DataError) as e:
-        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
-    assert f"The {split} split" in str(e.value) and "is empty" in str(e.value) and empty.name in str(e.value)
-
-
-def test_label_only_in_the_test_split_outside_label_names(tmp_path, cfg_for, tiny_tokenizer):
-    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=30, n_test=10, string_labels=True)
-    write_parquet(folder, "test", {"text": ["a football match", "a new planet"], "label": ["sports", "weather"]})
-    with pytest.raises(DataError) as e:
-        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
-    assert "'weather'" in str(e.value) and "label_names" in str(e.value)
-
-
-def test_whitespace_only_text_is_kept_as_special_tokens_only(tmp_path, cfg_for, tiny_tokenizer):
-    """The documented rule: empty (and blank) texts are kept and become [CLS] [SEP]; the model reads them."""
-    folder = fixtures.make_tiny_dataset(tmp_path / "d", n_train=60, n_test=20)
-    texts, labels = fixtures.make_texts(20, seed=1_000_003)
-    texts[0], texts[1] = "", "   \n\t "
-    write_parquet(folder, "test", {"text": texts, "label": labels})
-    d = prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)
-    blank = [r for r in d.splits["test"] if not r["text"].strip()]
-    assert len(blank) == 2
-    for r in blank:
-        assert r["input_ids"] == [tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id]
 
 
 def test_data_errors_are_clean_through_evaluate_checkpoint(reference, tmp_path):
@@ -316,7 +223,7 @@ def test_hub_probe_without_offline_mode(monkeypatch, local_http):
     """With HF_HUB_OFFLINE unset, the hub counts as reachable only if HF_ENDPOINT answers HTTP within the timeout:
     a closed port, a server that accepts the connection but never answers (a middlebox), or a 5xx (a proxy that
     cannot reach the hub) is offline; any other HTTP answer is online."""
-    from hybridlib.data import hub_reachable
+    from hybridlib.hub import hub_reachable
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
@@ -498,37 +405,59 @@ def test_same_params_and_seed_give_identical_results_on_cpu(reference, outputs):
 # ----------------------------------------------------------------------------- item 6: runs never overwritten
 
 
-def test_prepare_run_refuses_existing_and_leaves_other_runs_alone(tmp_path, tiny_params):
-    from hybridlib.runs import create_run_dir
+OVERWRITES = {
+    # how: (call(env) -> raises or returns an exit code, what the message must say)
+    "train_finished_run": (lambda e: training.train(e["cfg"], e["finished"], e["data"], progress=False),
+                           ["never overwrites", "model.pt", "resume"]),
+    "train_over_model_pt": (lambda e: training.train(e["cfg"], e["only_model_pt"], e["data"], progress=False),
+                            ["model.pt", "never overwrites"]),
+    "train_over_last_pt": (lambda e: training.train(e["cfg"], e["only_last_pt"], e["data"], progress=False),
+                           ["last.pt", "never overwrites"]),
+    "fit_2_processes": (lambda e: training.fit(dataclasses.replace(e["cfg"], num_processes=2), e["finished"], e["data"]),
+                        ["never overwrites"]),
+    "prepare_run_name": (lambda e: prepare_run(e["params"], {"epochs": 1}, run_name="finished", outputs=e["out"]),
+                         ["already exists", "--run-name"]),
+    "prepare_run_dir": (lambda e: prepare_run(e["params"], {"run_dir": str(e["finished"])}, outputs=e["out"]),
+                        ["already exists"]),
+    "create_run_dir": (lambda e: create_run_dir(e["finished"]), ["already exists"]),
+    "cli_run": (lambda e: main(["run", str(e["params"]), "--run-name", "finished", "--outputs", str(e["out"])]),
+                ["already exists", "--run-name"]),
+    "cli_train": (lambda e: main(["train", str(e["finished"] / "params.yaml")]), ["never overwrites"]),
+}
 
+
+@pytest.mark.parametrize("how", list(OVERWRITES))
+def test_a_run_is_never_overwritten(how, reference, tmp_path, tiny_params, capsys, monkeypatch):
+    """Whatever the way in (training, 1 or N processes, a new run's name or folder, the CLI), an existing run folder
+    is refused with a message saying how to proceed, and no file of it or of any other run changes."""
     out = tmp_path / "outputs"
-    _, first = prepare_run(tiny_params, run_name="first", outputs=out)
-    (first / "model.pt").write_bytes(os.urandom(128))
-    (first / "metrics.json").write_text('{"test_accuracy": 0.9}')
+    finished = out / "finished"
+    shutil.copytree(reference["dir"], finished)
+    cfg = load_config(finished / "params.yaml", {"run_dir": str(finished)})
+    save_config(cfg, finished / "params.yaml")  # the copy's own folder, as `hybridlib train RUN/params.yaml` reads it
+    (out / "other").mkdir()
+    (out / "other" / "metrics.json").write_text('{"test_accuracy": 0.9}')
+
+    env = {"cfg": cfg, "finished": finished, "data": reference["data"], "params": tiny_params, "out": out}
+    for name in ("model.pt", "last.pt"):  # interrupted runs: only a checkpoint (any bytes)
+        run = env[f"only_{name.replace('.', '_')}"] = out / f"only-{name}"
+        run.mkdir()
+        (run / name).write_bytes(os.urandom(256))
+    monkeypatch.setattr(training, "launch", lambda *a, **k: pytest.fail("started workers"))
+    call, needles = OVERWRITES[how]
     before = tree(out)
-
-    with pytest.raises(RunError, match="already exists"):
-        prepare_run(tiny_params, {"epochs": 1}, run_name="first", outputs=out)
-    with pytest.raises(RunError, match="already exists"):
-        prepare_run(tiny_params, {"run_dir": str(first)}, outputs=out)
-    with pytest.raises(RunError, match="already exists"):
-        create_run_dir(first)
+    capsys.readouterr()
+    if how.startswith("cli_"):
+        assert call(env) == 2
+        msg = capsys.readouterr().err
+        assert msg.startswith("error: ") and msg.count("\n") == 1, msg
+    else:
+        with pytest.raises(RunError) as e:
+            call(env)
+        msg = str(e.value)
+    for needle in needles:
+        assert needle in msg, (needle, msg)
     assert tree(out) == before
-
-    _, second = prepare_run(tiny_params, run_name="second", outputs=out)
-    assert second != first and sorted(p.name for p in out.iterdir()) == ["first", "second"]
-    assert {k: v for k, v in tree(out).items() if k.startswith("first")} == before
-    assert sorted(p.name for p in second.iterdir()) == ["params.yaml"]
-
-
-def test_training_into_a_finished_run_is_refused(reference):
-    before = tree(reference["dir"])
-    with pytest.raises(RunError, match="never overwrites"):
-        training.check_run_dir(reference["dir"], resume=False)
-    cfg = load_config(reference["dir"] / "params.yaml")
-    with pytest.raises(RunError, match="resume"):
-        training.train(cfg, reference["dir"], reference["data"], progress=False)
-    assert tree(reference["dir"]) == before
 
 
 # ----------------------------------------------------------------------------- item 7: safe checkpoints
@@ -584,27 +513,44 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_crafted_pickle_is_refused_by_every_entry_point(reference, tmp_path):
+def test_crafted_pickle_is_refused_by_every_entry_point(reference, tmp_path, capsys):
+    """A real model.pt / last.pt plus an object whose unpickling would run code: every way of loading it refuses
+    it with a message, and the code never runs."""
+    from hybridlib.artifacts import load_model
     from hybridlib.evaluation import evaluate_checkpoint
-    from hybridlib.prediction import Predictor, load_model
+    from hybridlib.prediction import Predictor
 
     marker = tmp_path / "pwned.txt"
     run = tmp_path / "evil-run"
-    run.mkdir()
-    good = load_checkpoint(reference["dir"] / "model.pt")
-    torch.save({**good, "payload": _Payload(str(marker))}, run / "model.pt")  # a real checkpoint plus a payload
-    calls = [
-        lambda: load_checkpoint(run / "model.pt"),
-        lambda: load_model(run / "model.pt"),
-        lambda: Predictor.from_checkpoint(run / "model.pt"),
-        lambda: Predictor.from_run(run),
-        lambda: evaluate_checkpoint(run / "model.pt", progress=False),
-    ]
-    for call in calls:
-        with pytest.raises(CheckpointError) as e:
-            call()
-        assert "Refused" in str(e.value) and "model.pt" in str(e.value)
-        assert not marker.exists(), "loading the checkpoint ran code"
+    shutil.copytree(reference["dir"], run)
+    for name in ("model.pt", "last.pt"):
+        good = load_checkpoint(reference["dir"] / name)
+        torch.save({**good, "payload": _Payload(str(marker))}, run / name)  # a real checkpoint plus a payload
+    resume = load_config(run / "params.yaml", {"resume": True, "run_dir": str(run)})
+    calls = {
+        "model.pt": [
+            lambda: load_checkpoint(run / "model.pt"),
+            lambda: load_model(run / "model.pt"),
+            lambda: Predictor.from_checkpoint(run / "model.pt"),
+            lambda: Predictor.from_run(run),
+            lambda: evaluate_checkpoint(run / "model.pt", progress=False),
+        ],
+        "last.pt": [lambda: training.train(resume, run, reference["data"], progress=False)],
+    }
+    for name, entry_points in calls.items():
+        for call in entry_points:
+            with pytest.raises(CheckpointError) as e:
+                call()
+            assert "Refused" in str(e.value) and name in str(e.value)
+            assert not marker.exists(), "loading the checkpoint ran code"
+    for args in (["predict", "--checkpoint", str(run), "--text", "x"], ["evaluate", "--checkpoint", str(run / "model.pt")]):
+        capsys.readouterr()
+        assert main(args) == 2
+        assert "Refused" in capsys.readouterr().err and not marker.exists()
+
+    # the control: the payload is live (an unsafe load does run it), so the refusals above mean something
+    torch.load(run / "model.pt", weights_only=False)["payload"].close()
+    assert marker.exists()
 
 
 def _save_as_if_on_gpu(obj, path: Path) -> None:
@@ -650,7 +596,7 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu(reference, tmp_path):
     assert load_checkpoint(run / "last.pt")["optimizer"]["state"]
 
 
-def test_mismatching_tokenizer_or_labels_are_refused(reference, tmp_path):
+def test_mismatching_tokenizer_or_labels_are_refused(reference, tmp_path, capsys):
     from hybridlib.evaluation import evaluate_checkpoint
     from hybridlib.prediction import Predictor
 
@@ -662,6 +608,10 @@ def test_mismatching_tokenizer_or_labels_are_refused(reference, tmp_path):
     assert "vocabulary" in str(e.value) and str(vocab) in str(e.value)
     with pytest.raises(CheckpointError, match="vocabulary"):
         evaluate_checkpoint(path, overrides={"tokenizer": str(other)}, progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(path), "-p", "tokenizer", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "vocabulary" in err and "tokenizer" in err
 
     two = tmp_path / "two_classes"  # a dataset with 2 classes for a 3-class model
     texts, labels = fixtures.make_texts(40, seed=5)
@@ -675,19 +625,16 @@ def test_mismatching_tokenizer_or_labels_are_refused(reference, tmp_path):
 # ----------------------------------------------------------------------------- item 9: NaN / inf loss
 
 
-class _LossBecomesNaN:
-    """Stands in for torch.nn.functional inside hybridlib.training: call number ``at`` of cross_entropy is NaN."""
+def loss_becomes(monkeypatch, value: float, at: int) -> None:
+    """Training step number ``at`` (counted over the whole run) computes a loss of ``value``."""
+    real, steps = training.step_losses, []
 
-    def __init__(self, at: int, value: float = float("nan")):
-        self.at, self.value, self.calls = at, value, 0
+    def step_losses(*args, **kwargs):
+        loss, total, logits = real(*args, **kwargs)
+        steps.append(1)
+        return (loss * value, total * value, logits) if len(steps) == at else (loss, total, logits)
 
-    def __getattr__(self, name):
-        return getattr(torch.nn.functional, name)
-
-    def cross_entropy(self, *args, **kwargs):
-        self.calls += 1
-        loss = torch.nn.functional.cross_entropy(*args, **kwargs)
-        return loss * self.value if self.calls == self.at else loss
+    monkeypatch.setattr(training, "step_losses", step_losses)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -695,7 +642,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_best(reference,
     data = reference["data"]
     cfg = load_config(reference["dir"] / "params.yaml", {"run_dir": None})
     steps = len(make_loader(data.splits["train"], cfg, data.pad_id, train=True))
-    monkeypatch.setattr(training, "F", _LossBecomesNaN(at=steps + 3, value=value))  # epoch 2, step 3
+    loss_becomes(monkeypatch, value, at=steps + 3)  # epoch 2, step 3
     run_dir = tmp_path / "diverged"
     hashes = {}
     real_save = training.save_checkpoint
@@ -735,7 +682,7 @@ def test_non_finite_weights_never_become_the_best_checkpoint(reference, tmp_path
 def test_divergence_in_the_first_epoch_says_no_checkpoint_exists(reference, tmp_path, monkeypatch):
     data = reference["data"]
     cfg = load_config(reference["dir"] / "params.yaml", {"run_dir": None})
-    monkeypatch.setattr(training, "F", _LossBecomesNaN(at=1))
+    loss_becomes(monkeypatch, float("nan"), at=1)
     with pytest.raises(RunError, match="epoch 1, step 1.*No checkpoint was saved"):
         training.train(cfg, tmp_path / "r", data, progress=False)
     assert not (tmp_path / "r" / "model.pt").exists()

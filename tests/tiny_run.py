@@ -2,7 +2,7 @@
 
 Trained once per test session (a few seconds; 5 epochs reach about 96 % on its test split, so the
 tests that read its predictions and explanations see a model that has learnt the task) and shared
-by test_prediction, test_predict_cli, test_widgets and test_browser: call
+by test_prediction, test_predict_cli, test_old_runs, test_widgets and test_browser: call
 ``tiny_run(tmp_path_factory)``; treat the folder as read-only.
 """
 
@@ -17,10 +17,10 @@ _CACHE: dict[str, Path] = {}
 
 def make_tiny_run(root: Path, name: str = "tiny-run", **overrides) -> Path:
     """Train and evaluate a tiny model into ``root/outputs/<name>``; return the run folder."""
+    from hybridlib.artifacts import start_run
     from hybridlib.config import load_config
     from hybridlib.data import prepare_data
     from hybridlib.evaluation import evaluate_run
-    from hybridlib.runs import start_run
     from hybridlib.training import train
 
     root = Path(root)

@@ -1,0 +1,129 @@
+"""Batches: a length-bucketing batch sampler (sharded across processes), a padding collator, the DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from hybridlib.config import Config
+from hybridlib.runtime import CUDA_PAD_MULTIPLE, resolve_device
+
+
+class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields batches of indices. With ``bucket``, texts of similar length share a batch.
+
+    Shuffles by (seed, epoch), so a resumed run sees the same batches. With several processes,
+    each rank takes every ``world_size``-th batch of the same global order (disjoint shards); the
+    training batch list is padded by repetition so all ranks take the same number of steps.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_size: int,
+        shuffle: bool,
+        bucket: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pool_batches: int = 50,
+    ):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.shuffle, self.bucket = batch_size, shuffle, bucket
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.pool = batch_size * pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self) -> list[np.ndarray]:
+        n = len(self.lengths)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.bucket:
+            # sort within pools of ~50 batches: little padding, still random across pools
+            chunks = [order[i : i + self.pool] for i in range(0, n, self.pool)]
+            order = np.concatenate([c[np.argsort(self.lengths[c], kind="stable")] for c in chunks])
+        batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        if self.shuffle and self.bucket:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.shuffle and self.world_size > 1 and len(batches) % self.world_size:
+            batches += batches[: self.world_size - len(batches) % self.world_size]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.global_batches()[self.rank :: self.world_size]:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        return len(self.global_batches()[self.rank :: self.world_size])
+
+
+class Collator:
+    """Pads a list of examples to the longest in the batch (never to a global maximum).
+
+    ``pad_multiple`` > 1 rounds that length up to a multiple of it, but not past ``max_length`` (CUDA: each new
+    (batch, length) shape costs cuDNN a set-up, so lengths come in multiples of 64, at most 8 at 512 tokens).
+    ``pad_to`` pads every batch to exactly that length instead.
+    """
+
+    def __init__(self, pad_id: int, pad_to: int | None = None, pad_multiple: int = 1, max_length: int | None = None):
+        self.pad_id, self.pad_to = pad_id, pad_to
+        self.pad_multiple, self.max_length = pad_multiple, max_length
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = self.pad_to or max(len(r["input_ids"]) for r in rows)
+        if not self.pad_to and self.pad_multiple > 1:
+            rounded = -(-longest // self.pad_multiple) * self.pad_multiple
+            longest = max(longest, min(rounded, self.max_length or rounded))
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x = r["input_ids"][:longest]
+            ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        out = {"input_ids": ids, "attention_mask": ids.ne(self.pad_id)}
+        if "label" in rows[0]:
+            out["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+        return out
+
+
+def make_loader(
+    ds,
+    cfg: Config,
+    pad_id: int,
+    train: bool,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int | None = None,
+    bucket: bool | None = None,
+    pad_to: int | None = None,
+    device: torch.device | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over a tokenized split. Rows are read from Arrow per batch (no full copy).
+
+    ``device`` (default: ``cfg.device`` resolved) is where the batches go: on CUDA, batch lengths are rounded up
+    to multiples of ``CUDA_PAD_MULTIPLE`` and batches come in pinned memory (for ``non_blocking`` copies); on CPU
+    neither."""
+    cuda = (device if device is not None else resolve_device(cfg.device)).type == "cuda"
+    lengths = np.asarray(ds["length"], dtype=np.int64)
+    ds = ds.select_columns(["input_ids", "label"]).with_format("numpy")
+    sampler = LengthBucketSampler(
+        lengths,
+        batch_size=batch_size or (cfg.batch_size // world_size if train else cfg.eval_batch_size),
+        shuffle=train,
+        bucket=cfg.bucket_by_length if bucket is None else bucket,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=sampler,
+        collate_fn=Collator(pad_id, pad_to, CUDA_PAD_MULTIPLE if cuda else 1, cfg.max_length),
+        num_workers=cfg.num_workers,
+        pin_memory=cuda,
+    )

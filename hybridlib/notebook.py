@@ -1,0 +1,128 @@
+"""The notebooks' parameters, read by name from the notebook's namespace.
+
+A notebook's parameters are the names its ``parameters`` cell defines and those papermill injects
+right after it (``-p``/``-f``): ``params_file``, ``run_dir`` and any field of
+:class:`hybridlib.config.Config` (``epochs``, ``device``, ...). A notebook passes ``globals()`` to
+:func:`notebook_config` (01, 02) or :func:`notebook_run` (03, 04, 05), which look up exactly those
+names, every time they are called. Nothing else in the namespace counts: scratch variables
+(``x = 5``), results (``out``), imports and private names are ignored, nothing is remembered
+between calls, so re-running a cell, or "Run All" again in the same kernel, gives the same Config.
+
+Rules:
+
+- A parameter that is defined overrides, even when it is None: ``max_train_samples = None`` uses all
+  texts even if the params file sets a limit, and ``run_dir = None`` means a new run folder (01, 02)
+  or the newest finished run (03-05, which print the one they picked).
+- Relative paths (``params_file``, ``run_dir``, ``data_dir``, an embeddings file, a tokenizer folder)
+  are taken from the project root, so the same values work in JupyterLab, papermill and the CLI.
+- Values are validated like a params file's; a variable of your own that happens to be named like a
+  Config field is read as that parameter (and rejected with a message if its value does not fit), so
+  notebook code never assigns a parameter name (tests/test_notebooks.py checks the notebooks).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hybridlib.artifacts import PARAMS_FILE, latest_run, outputs_root, project_root, resolve_paths
+from hybridlib.config import FIELDS, Config, load_config, validate
+from hybridlib.errors import ConfigError, RunError
+
+__all__ = ["PARAMETER_NAMES", "notebook_config", "notebook_run", "notebook_parameters"]
+
+#: Every name a notebook reads as a parameter: ``params_file`` and the Config fields (``run_dir`` is one).
+PARAMETER_NAMES: tuple[str, ...] = ("params_file", *FIELDS)
+SOURCE = "the notebook's parameters"
+_PARAMETER_TYPES = (str, int, float, bool, list, tuple, type(None))  # what a parameter cell or papermill sets
+
+
+def _plain(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def notebook_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The Config fields defined in ``namespace`` (None values included), validated; nothing else."""
+    clean: dict[str, Any] = {}
+    for key in FIELDS:
+        if key not in namespace:
+            continue
+        value = _plain(namespace[key])
+        try:
+            clean.update(validate({key: value}, source=SOURCE))
+        except ConfigError as e:
+            if isinstance(value, _PARAMETER_TYPES):
+                raise
+            raise ConfigError(  # an object, not a parameter value: most likely a variable of the user's own
+                f"{e} In a notebook every name that is a Config field is read as a parameter: "
+                f"give a variable of your own another name."
+            ) from None
+    return clean
+
+
+def _params_file(namespace: dict[str, Any], root: Path) -> tuple[Path | None, str]:
+    """The params file to start from, and where it came from (for the printed summary)."""
+    value = _plain(namespace.get("params_file"))
+    where = "params_file"
+    if value is None:
+        value, where = os.environ.get("HYBRIDLIB_PARAMS") or None, "$HYBRIDLIB_PARAMS"
+    if value is None:
+        return None, "the Config defaults (params_file = None, $HYBRIDLIB_PARAMS unset)"
+    if not isinstance(value, str):
+        raise ConfigError(f"Parameter 'params_file': got {value!r}, expected a path to a params YAML (or None).")
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else root / path
+    return path, f"{path} ({where})"
+
+
+def _describe(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in values.items()) or "none"
+
+
+def notebook_config(namespace: dict[str, Any]) -> Config:
+    """The validated Config of a data or training notebook (01, 02), from its parameters.
+
+    Starts from ``params_file`` (None: $HYBRIDLIB_PARAMS, else the Config defaults), then every Config
+    field defined in ``namespace`` overrides (None included; ``run_dir = None``: a new run folder).
+    """
+    root = project_root()
+    params_file, source = _params_file(namespace, root)
+    overrides = notebook_parameters(namespace)
+    cfg = load_config(params_file, overrides)
+    cfg = Config(**resolve_paths(cfg.to_dict(), root))
+    print(f"[hybridlib] params from {source}; set in the notebook: {_describe(overrides)}")
+    return cfg
+
+
+def notebook_run(namespace: dict[str, Any]) -> tuple[Config, Path]:
+    """(Config, run folder) of a trained run, for the notebooks that read one (03, 04, 05).
+
+    The run is ``run_dir`` (relative: from the project root); only when ``run_dir`` is None (or not
+    defined) the newest finished run under the outputs folder, and the printed line says which. The
+    Config is the run's own params.yaml with the other Config fields defined in ``namespace`` on top
+    (e.g. ``device``, ``num_threads``), ``run_dir`` set to the run and ``resume`` False.
+    ``params_file`` is not read: the run's params.yaml is.
+    """
+    root = project_root()
+    overrides = notebook_parameters(namespace)
+    run_dir = overrides.pop("run_dir", None)
+    overrides.pop("resume", None)
+    if run_dir is None:
+        run = Path(latest_run()).resolve()
+        print(f"[hybridlib] run_dir is None: using the newest finished run, {run}")
+    else:
+        run = Path(resolve_paths({"run_dir": run_dir}, root)["run_dir"])
+        if not run.is_dir():
+            guess = outputs_root() / run_dir
+            hint = f" Did you mean {guess}?" if not Path(run_dir).is_absolute() and guess.is_dir() else ""
+            raise RunError(f"run_dir {run_dir!r}: there is no folder {run} (relative paths are taken from the "
+                           f"project root).{hint} Set run_dir to a run folder, e.g. under {outputs_root()}.")
+        print(f"[hybridlib] run {run}")
+    if not (run / PARAMS_FILE).is_file():
+        raise RunError(f"{run} is not a hybridlib run (no {PARAMS_FILE}). Set run_dir to a run folder under outputs/.")
+    overrides = resolve_paths(overrides, root)
+    if overrides:
+        print(f"[hybridlib] set in the notebook, over the run's params.yaml: {_describe(overrides)}")
+    cfg = load_config(run / PARAMS_FILE, {**overrides, "run_dir": str(run), "resume": False})
+    return cfg, run
