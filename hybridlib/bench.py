@@ -26,6 +26,7 @@ temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
@@ -337,8 +338,6 @@ def bench_busy(model, cfg: Config, data, device, amp_dtype, steps: int, warmup: 
     """The project's training step, quiet and beside a busy neighbour (a ``while True: pass`` process started and
     stopped here), with the automatic thread policy and with 1 and all cores' threads pinned. Each measurement
     trains a copy of ``model`` on the same samples; torch's thread count is restored afterwards."""
-    import contextlib
-
     if device.type != "cpu":
         return {"skipped": f"on {device.type}: the thread policy is for CPU runs"}
     train_ds = data.splits["train"]
