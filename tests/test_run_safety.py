@@ -259,7 +259,7 @@ def test_cli_second_writer_refused_then_ctrl_c_then_resume(tmp_path):
     """`hybridlib run` as a user runs it: a second `--resume` of the same run while it trains is refused naming
     the first; Ctrl-C (SIGINT) in the middle of epoch 2 stops the kernel and prints one line with the last finished
     epoch and the resume command, exit 130, no traceback, no kernel left; `--resume` then finishes the run."""
-    data_dir = fixtures.make_tiny_dataset(tmp_path / "data", n_train=2000)  # epochs long enough to interrupt
+    data_dir = fixtures.make_tiny_dataset(tmp_path / "data", n_train=4000)  # epochs long enough to interrupt
     tok_dir = fixtures.make_tiny_tokenizer(tmp_path / "tokenizer")
     params = fixtures.write_tiny_params(tmp_path / "p.yaml", data_dir, tok_dir, epochs=EPOCHS)
     notebooks = notebooks_with_real_training(tmp_path / "notebooks")
