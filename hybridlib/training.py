@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -447,10 +446,6 @@ def diverged_message(what: str, epoch: int, step, run_dir: Path, state: TrainSta
     return (f"Training diverged: {what} at epoch {epoch}, step {step}. {kept} "
             f"Start a new run with a lower lr (now {cfg.lr}), grad_clip > 0 (now {cfg.grad_clip}), or precision fp32, "
             f"or check the data.")
-
-
-def seconds_per_epoch(history: list[dict[str, float]]) -> float:
-    return float(np.mean([r["seconds"] for r in history])) if history else 0.0
 
 
 # ----------------------------------------------------------------------------- 1..N processes
