@@ -106,7 +106,8 @@ def make_loader(
 
     ``device`` (default: ``cfg.device`` resolved) is where the batches go: on CUDA, batch lengths are rounded up
     to multiples of ``CUDA_PAD_MULTIPLE`` and batches come in pinned memory (for ``non_blocking`` copies); on CPU
-    neither."""
+    neither. Each loader has its own seeded generator, so making or iterating a loader never draws from torch's
+    global RNG (which dropout uses): training's randomness does not depend on how many loaders a run makes."""
     cuda = (device if device is not None else resolve_device(cfg.device)).type == "cuda"
     lengths = np.asarray(ds["length"], dtype=np.int64)
     ds = ds.select_columns(["input_ids", "label"]).with_format("numpy")
@@ -126,4 +127,5 @@ def make_loader(
         collate_fn=Collator(pad_id, pad_to, CUDA_PAD_MULTIPLE if cuda else 1, cfg.max_length),
         num_workers=cfg.num_workers,
         pin_memory=cuda,
+        generator=torch.Generator().manual_seed(cfg.seed + epoch),
     )

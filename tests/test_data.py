@@ -656,3 +656,16 @@ def test_session_uses_a_private_hf_cache(hf_cache_dir, tiny_cfg, tiny_tokenizer)
     d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
     for f in d.splits["train"].cache_files:
         assert f["filename"].startswith(str(hf_cache_dir))
+
+
+def test_loaders_leave_the_global_rng_alone(tiny_cfg, tiny_tokenizer):
+    """Dropout draws from torch's global RNG: making and iterating loaders (training, validation) must not
+    advance it, or a run's training would depend on how many loaders it happens to make."""
+    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for train in (True, False):
+        for _ in make_loader(data.splits["train"], tiny_cfg, data.pad_id, train=train, epoch=1):
+            pass
+    assert torch.equal(torch.rand(3), expected)
