@@ -117,6 +117,10 @@ class Config:
         0.0, "training",
         "Adversarial training (Miyato et al. 2017): each step also trains on the word embeddings moved by this L2 "
         "norm per text along the loss gradient. A second forward and backward pass per step (0: off).", min=0.0)
+    swa_start: int = _f(
+        0, "training",
+        "Weight averaging (SWA, Izmailov et al. 2018): from this epoch on, validate and keep the equal average of the "
+        "weights at the end of this and every later epoch instead of the last weights (0: off).", min=0)
     patience: int = _f(2, "training", "Stop after this many epochs without a better validation accuracy (0: never).", min=0)
     seed: int = _f(42, "training", "Seed for the split, shuffling and initialisation.", min=0, repeat=True)
 
@@ -138,6 +142,12 @@ class Config:
                                 location=True)
     resume: bool = _f(False, "run", "Continue an interrupted run from run_dir/last.pt.")
     baseline: bool = _f(True, "run", "Also fit the TF-IDF + logistic regression baseline on the same split.")
+
+    def __post_init__(self) -> None:
+        if self.swa_start > self.epochs:
+            raise ConfigError(
+                f"swa_start is {self.swa_start} but epochs is {self.epochs}: the average would never start. "
+                f"Set swa_start to at most epochs (or 0: off).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from hybridlib.artifacts import (
@@ -123,8 +124,9 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
     steps_per_epoch = len(make_loader(data.splits["train"], cfg, data.pad_id, train=True, rank=dist.rank,
                                       world_size=dist.world_size, device=device))
     optimizer, scheduler, scaler = make_optimization(model, cfg, steps_per_epoch * cfg.epochs, amp_dtype)
+    averaged = AveragedModel(model) if cfg.swa_start else None
     if cfg.resume:
-        state = resume_state(run_dir, model, optimizer, scheduler, scaler, device, dist)
+        state = resume_state(run_dir, model, optimizer, scheduler, scaler, device, dist, averaged)
     else:
         state = TrainState()
         set_seed(cfg.seed + dist.rank)
@@ -138,7 +140,8 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
         bar = tqdm(loader, desc=f"Epoch {epoch}/{cfg.epochs}", disable=not (progress and dist.is_main), leave=False)
         train_loss, train_acc = train_epoch(net, model, bar, optimizer, scheduler, scaler, cfg, device, amp_dtype,
                                             threads, state, run_dir)
-        val_loss, val_acc = validate(model, data.splits["validation"], cfg, data.pad_id, device, amp_dtype, threads)
+        kept = weights_to_keep(model, averaged, epoch, cfg)
+        val_loss, val_acc = validate(kept, data.splits["validation"], cfg, data.pad_id, device, amp_dtype, threads)
         if not math.isfinite(val_loss):  # never let non-finite weights become model.pt / last.pt
             raise RunError(diverged_message(f"the validation loss became {val_loss}", epoch, "end", run_dir, state, cfg))
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
@@ -146,7 +149,7 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
         improved = state.record(row)
         rng = gather_rng_states()  # every rank takes part
         if dist.is_main:
-            save_epoch(run_dir, model, cfg, data, state, improved, optimizer, scheduler, scaler, rng)
+            save_epoch(run_dir, model, kept, averaged, cfg, data, state, improved, optimizer, scheduler, scaler, rng)
             if progress:
                 print(epoch_line(row, improved))
 
@@ -182,6 +185,16 @@ def init_model(cfg: Config, data: Data, device: torch.device, pretrained: bool =
                              skip=data.tokenizer.all_special_ids, seed=cfg.seed)
     model.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
     return model.to(device)
+
+
+def weights_to_keep(model: HybridClassifier, averaged: AveragedModel | None, epoch: int,
+                    cfg: Config) -> HybridClassifier:
+    """The model this epoch validates and may keep: ``model``, or from ``cfg.swa_start`` on the running average of
+    its weights at the end of each epoch since then (``averaged`` is updated here)."""
+    if averaged is None or epoch < cfg.swa_start:
+        return model
+    averaged.update_parameters(model)
+    return averaged.module
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
@@ -383,13 +396,17 @@ def validate(model, ds, cfg: Config, pad_id: int, device, amp_dtype, threads: CP
 # ----------------------------------------------------------------------------- checkpoints, resume, logging
 
 
-def save_epoch(run_dir: Path, model, cfg: Config, data: Data, state: TrainState, improved: bool,
-               optimizer, scheduler, scaler, rng) -> None:
-    """model.pt (when ``improved``), last.pt and training_log.csv after an epoch (rank 0). Without the space for
-    all three nothing is written: a full disk leaves the previous epoch's files, from which the run resumes."""
-    best = model_checkpoint(model, cfg, data, state.epoch, state.best_metric)
-    last = dict(best, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                rng=rng, history=state.history, best_epoch=state.best_epoch, bad_epochs=state.bad_epochs)
+def save_epoch(run_dir: Path, model, kept, averaged: AveragedModel | None, cfg: Config, data: Data,
+               state: TrainState, improved: bool, optimizer, scheduler, scaler, rng) -> None:
+    """model.pt (``kept``'s weights, when ``improved``), last.pt (``model``'s, and the weight average's) and
+    training_log.csv after an epoch (rank 0). Without the space for all three nothing is written: a full disk
+    leaves the previous epoch's files, from which the run resumes."""
+    best = model_checkpoint(kept, cfg, data, state.epoch, state.best_metric)
+    last = dict(model_checkpoint(model, cfg, data, state.epoch, state.best_metric), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng, history=state.history,
+                best_epoch=state.best_epoch, bad_epochs=state.bad_epochs)
+    if averaged is not None:
+        last["averaged"] = {k: v.detach().cpu() for k, v in averaged.state_dict().items()}
     names = [MODEL_FILE, LAST_FILE, LOG_FILE] if improved else [LAST_FILE, LOG_FILE]
     check_free_space([run_dir / n for n in names], checkpoint_size(last) + (checkpoint_size(best) if improved else 0))
     if improved:
@@ -398,10 +415,14 @@ def save_epoch(run_dir: Path, model, cfg: Config, data: Data, state: TrainState,
     write_history(state.history, run_dir)
 
 
-def resume_state(run_dir: Path, model, optimizer, scheduler, scaler, device, dist: Dist) -> TrainState:
-    """Load last.pt into the model, optimizer, scheduler, scaler and RNGs; the loop's state as it was saved."""
+def resume_state(run_dir: Path, model, optimizer, scheduler, scaler, device, dist: Dist,
+                 averaged: AveragedModel | None = None) -> TrainState:
+    """Load last.pt into the model, weight average, optimizer, scheduler, scaler and RNGs; the loop's state as it
+    was saved."""
     saved = load_checkpoint(run_dir / LAST_FILE, map_location=device)
     model.load_state_dict(saved["model"])
+    if averaged is not None and saved.get("averaged"):  # absent in last.pt files of runs without swa_start
+        averaged.load_state_dict(saved["averaged"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler"):  # fp16 loss scale (absent in older last.pt files)
