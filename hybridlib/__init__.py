@@ -3,7 +3,7 @@
 from hybridlib.config import Config, load_config
 from hybridlib.errors import CheckpointError, ConfigError, DataError, HybridlibError, RunError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["Config", "load_config", "Predictor", "HybridlibError", "ConfigError", "DataError", "CheckpointError", "RunError"]
 
