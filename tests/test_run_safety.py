@@ -28,6 +28,7 @@ import psutil
 import pytest
 import torch
 from papermill.exceptions import PapermillExecutionError
+from tiny_run import train_until_epoch
 
 from hybridlib import artifacts, pipeline, training
 from hybridlib.artifacts import LOCK_ENV, LOCK_FILE, atomic_write, load_checkpoint, run_lock
@@ -38,6 +39,8 @@ from hybridlib.evaluation import evaluate_run
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 3
+# the CLI Ctrl-C test: enough epochs that a loaded machine's slow second-writer check still ends mid-training
+CLI_EPOCHS = 8
 
 
 def sha256(path: Path) -> str:
@@ -150,29 +153,12 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, tiny_params, dat
     assert LOCK_ENV not in os.environ
 
 
-def stop_after_first_epoch(cfg, run_dir: Path, data) -> None:
-    """Train ``cfg`` until epoch 1 is saved, then stop as an interruption would."""
-    real_save_epoch = training.save_epoch
-
-    def save_then_stop(*args, **kwargs):
-        real_save_epoch(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    training.save_epoch = save_then_stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            training.train(cfg, run_dir, data, progress=False)
-    finally:
-        training.save_epoch = real_save_epoch
-    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
-
-
 def test_a_lock_left_by_a_killed_process_is_taken_over_by_resume(tmp_path, tiny_params, data, reference, holder,
                                                                 capfd):
     """kill -9 of the writer leaves run.lock behind; resuming takes it over (the dead pid holds no OS lock),
     finishes the run exactly like the uninterrupted one, and removes run.lock."""
     cfg, run_dir = new_run(tmp_path, tiny_params)
-    stop_after_first_epoch(cfg, run_dir, data)
+    train_until_epoch(cfg, run_dir, data, 1)
     proc = holder(run_dir)
     proc.kill()
     proc.wait(timeout=30)
@@ -261,7 +247,7 @@ def test_cli_second_writer_refused_then_ctrl_c_then_resume(tmp_path):
     epoch and the resume command, exit 130, no traceback, no kernel left; `--resume` then finishes the run."""
     data_dir = fixtures.make_tiny_dataset(tmp_path / "data", n_train=4000)  # epochs long enough to interrupt
     tok_dir = fixtures.make_tiny_tokenizer(tmp_path / "tokenizer")
-    params = fixtures.write_tiny_params(tmp_path / "p.yaml", data_dir, tok_dir, epochs=EPOCHS)
+    params = fixtures.write_tiny_params(tmp_path / "p.yaml", data_dir, tok_dir, epochs=CLI_EPOCHS)
     notebooks = notebooks_with_real_training(tmp_path / "notebooks")
     run_dir = (tmp_path / "outputs" / "r").resolve()
     args = ["run", params, "--outputs", tmp_path / "outputs", "--run-name", "r", "--notebooks", notebooks]
@@ -291,7 +277,7 @@ def test_cli_second_writer_refused_then_ctrl_c_then_resume(tmp_path):
     assert "Traceback" not in out and "ZMQError" not in out, out[-3000:]
     last_line = out.strip().splitlines()[-1]
     finished = len(log_rows(run_dir))
-    assert finished < EPOCHS, "training finished before Ctrl-C: the test needs slower epochs"
+    assert finished < CLI_EPOCHS, "training finished before Ctrl-C: the test needs slower epochs"
     assert last_line == (f"Interrupted in 02_training.ipynb: {run_dir} has finished epoch {finished} (saved in "
                          f"last.pt); resume with: hybridlib run --resume {run_dir}"), out[-3000:]
     _, alive = psutil.wait_procs(kernels, timeout=10)
@@ -303,8 +289,8 @@ def test_cli_second_writer_refused_then_ctrl_c_then_resume(tmp_path):
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Run finished: {run_dir}" in resumed.stdout
-    assert [r["epoch"] for r in log_rows(run_dir)] == [str(e) for e in range(1, EPOCHS + 1)]
-    assert load_checkpoint(run_dir / "last.pt")["epoch"] == EPOCHS
+    assert [r["epoch"] for r in log_rows(run_dir)] == [str(e) for e in range(1, CLI_EPOCHS + 1)]
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == CLI_EPOCHS
 
 
 def test_interrupted_message_before_the_first_epoch(tmp_path, tiny_params):

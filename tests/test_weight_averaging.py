@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_run import train_until_epoch
 
 from hybridlib import training
 from hybridlib.artifacts import load_checkpoint, read_history
@@ -79,19 +80,7 @@ def test_validation_and_model_pt_use_the_kept_weights(recorded, swa_cfg, swa_dat
 def test_a_resumed_run_ends_like_an_uninterrupted_one(recorded, swa_cfg, swa_data, tmp_path):
     """Stopped after epoch 3 (the average holds epochs 2 and 3), then resumed: same log, model.pt and last.pt."""
     run_dir = tmp_path / "run"
-    real = training.save_epoch
-
-    def save_then_stop(*args, **kwargs):
-        real(*args, **kwargs)
-        if load_checkpoint(run_dir / "last.pt")["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    training.save_epoch = save_then_stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            training.train(swa_cfg, run_dir, swa_data, progress=False)
-    finally:
-        training.save_epoch = real
+    train_until_epoch(swa_cfg, run_dir, swa_data, 3)
     training.train(dataclasses.replace(swa_cfg, resume=True), run_dir, swa_data, progress=False)
     reference = recorded[0]
     assert [(r["epoch"], r["val_loss"], r["val_accuracy"]) for r in read_history(run_dir)] == \

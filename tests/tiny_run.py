@@ -41,3 +41,25 @@ def tiny_run(tmp_path_factory) -> Path:
     if "run" not in _CACHE:
         _CACHE["run"] = make_tiny_run(tmp_path_factory.mktemp("tiny_run"), baseline=True)  # + tfidf_logreg.npz
     return _CACHE["run"]
+
+
+def train_until_epoch(cfg, run_dir: Path, data, epoch: int) -> None:
+    """Train ``cfg`` until ``epoch`` is saved in last.pt, then stop as an interruption (Ctrl-C) would."""
+    import pytest
+
+    from hybridlib import training
+    from hybridlib.artifacts import load_checkpoint
+
+    real = training.save_epoch
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        if load_checkpoint(Path(run_dir) / "last.pt")["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    training.save_epoch = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            training.train(cfg, run_dir, data, progress=False)
+    finally:
+        training.save_epoch = real
