@@ -402,7 +402,8 @@ def save_epoch(run_dir: Path, model, kept, averaged: AveragedModel | None, cfg: 
     training_log.csv after an epoch (rank 0). Without the space for all three nothing is written: a full disk
     leaves the previous epoch's files, from which the run resumes."""
     best = model_checkpoint(kept, cfg, data, state.epoch, state.best_metric)
-    last = dict(model_checkpoint(model, cfg, data, state.epoch, state.best_metric), optimizer=optimizer.state_dict(),
+    raw = best if kept is model else model_checkpoint(model, cfg, data, state.epoch, state.best_metric)
+    last = dict(raw, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng, history=state.history,
                 best_epoch=state.best_epoch, bad_epochs=state.bad_epochs)
     if averaged is not None:
