@@ -84,13 +84,16 @@ def cooccurrences(token_ids: Sequence[Sequence[int]], vocab_size: int, skip: Ite
 
 
 def ppmi_vectors(token_ids: Sequence[Sequence[int]], vocab_size: int, dim: int, skip: Iterable[int] = (),
-                 window: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 window: int = 5, seed: int = 0, svd_device: torch.device | str | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Word vectors from co-occurrences in ``token_ids``: (vectors (vocab, dim), mask of the tokens seen).
 
     Counts pairs up to ``window`` tokens apart (weight 1/distance, never across texts, ignoring ``skip``:
     special tokens), takes the positive PMI with context-distribution smoothing (alpha 0.75), and keeps
     the top ``dim`` singular directions, U * sqrt(S): the settings of Levy, Goldberg & Dagan (2015),
     where this matches word2vec. Seen rows are scaled to std 1, like nn.Embedding's initialisation.
+    ``svd_device``: None factorises with scikit-learn's randomized SVD on the CPU; a torch device with
+    :func:`torch_top_singular` there (what CUDA runs use).
     """
     counts = cooccurrences(token_ids, vocab_size, skip, window)
     c = counts.tocoo()
@@ -105,15 +108,33 @@ def ppmi_vectors(token_ids: Sequence[Sequence[int]], vocab_size: int, dim: int, 
             f"pretrained_embeddings: ppmi needs training texts with co-occurring tokens and embed_dim ({dim}) "
             f"below the vocabulary size ({vocab_size}); got {ppmi.nnz} positive co-occurrences."
         )
-    u, s, _ = randomized_svd(ppmi, dim, random_state=seed)
+    if svd_device is None:
+        u, s, _ = randomized_svd(ppmi, dim, random_state=seed)
+    else:
+        u, s = torch_top_singular(ppmi, dim, seed, svd_device)
     vectors = u * np.sqrt(s)
     return vectors / max(vectors[seen].std(), 1e-12), seen
 
 
+def torch_top_singular(matrix: sp.spmatrix, k: int, seed: int, device: torch.device | str) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` left singular vectors and values of a sparse matrix, by ``torch.svd_lowrank`` on ``device``
+    in float32: a 2k-column sketch (float32 with scikit-learn's k + 10 was less exact) and 7 power iterations.
+    torch's global RNG is left as it was."""
+    device = torch.device(device)
+    coo = matrix.tocoo()
+    a = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape,
+                                device=device, check_invariants=False)  # a COO from scipy: valid by construction
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        u, s, _ = torch.svd_lowrank(a, q=min(2 * k, *matrix.shape), niter=7)
+    return u[:, :k].cpu().double().numpy(), s[:k].cpu().double().numpy()
+
+
 def init_from_training_texts(embedding: torch.nn.Embedding, token_ids: Sequence[Sequence[int]], skip: Iterable[int],
-                             seed: int = 0) -> int:
+                             seed: int = 0, svd_device: torch.device | str | None = None) -> int:
     """Overwrite the rows of tokens seen in ``token_ids`` with their PPMI vectors; return how many."""
-    vectors, seen = ppmi_vectors(token_ids, embedding.num_embeddings, embedding.embedding_dim, skip, seed=seed)
+    vectors, seen = ppmi_vectors(token_ids, embedding.num_embeddings, embedding.embedding_dim, skip, seed=seed,
+                                 svd_device=svd_device)
     with torch.no_grad():
         rows = torch.from_numpy(np.flatnonzero(seen))
         embedding.weight[rows] = torch.from_numpy(vectors[seen]).to(embedding.weight.dtype)
@@ -136,12 +157,13 @@ def load_pretrained_embeddings(embedding: torch.nn.Embedding, source: str) -> No
 
 
 def initialise_embedding(embedding: torch.nn.Embedding, source: str, train_token_ids: Sequence[Sequence[int]] | None = None,
-                         skip: Iterable[int] = (), seed: int = 0) -> None:
+                         skip: Iterable[int] = (), seed: int = 0, svd_device: torch.device | str | None = None) -> None:
     """Initialise ``embedding`` from ``source`` (the ``pretrained_embeddings`` param): 'ppmi' needs the training
-    split's token ids (``skip``: the special tokens), anything else names pretrained vectors."""
+    split's token ids (``skip``: the special tokens; ``svd_device``: see :func:`ppmi_vectors`), anything else
+    names pretrained vectors."""
     if source == "ppmi":
         if train_token_ids is None:
             raise ConfigError("pretrained_embeddings: ppmi is computed from the training split: pass its token ids.")
-        init_from_training_texts(embedding, train_token_ids, skip=skip, seed=seed)
+        init_from_training_texts(embedding, train_token_ids, skip=skip, seed=seed, svd_device=svd_device)
     else:
         load_pretrained_embeddings(embedding, source)

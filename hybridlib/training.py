@@ -182,7 +182,8 @@ def init_model(cfg: Config, data: Data, device: torch.device, pretrained: bool =
     model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id)
     if pretrained and cfg.pretrained_embeddings:
         initialise_embedding(model.embedding, cfg.pretrained_embeddings, data.splits["train"]["input_ids"],
-                             skip=data.tokenizer.all_special_ids, seed=cfg.seed)
+                             skip=data.tokenizer.all_special_ids, seed=cfg.seed,
+                             svd_device=device if device.type == "cuda" else None)  # the CPU keeps scikit-learn's
     model.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
     return model.to(device)
 

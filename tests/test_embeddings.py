@@ -16,6 +16,7 @@ from hybridlib.embeddings import (
     load_pretrained_embeddings,
     ppmi_vectors,
     project,
+    torch_top_singular,
 )
 from hybridlib.errors import ConfigError
 from hybridlib.model import build_model
@@ -48,6 +49,26 @@ def test_ppmi_vectors_put_words_with_the_same_neighbours_together():
     assert cos(vec[10], vec[11]) > cos(vec[10], vec[12]) + 0.5
     assert vec[seen].std() == pytest.approx(1.0)
 
+
+
+def test_ppmi_vectors_by_torch_svd_match_scikit_learns():
+    """svd_device (CUDA runs) factorises with torch.svd_lowrank: here on the CPU, against the exact SVD."""
+    rng = np.random.default_rng(0)
+    texts = [list(np.minimum(rng.zipf(1.3, 30), 799)) for _ in range(1500)]
+    ppmi = cooccurrences(texts, 800).tocsr()
+    ppmi.data = np.log1p(ppmi.data)
+    exact = np.linalg.svd(ppmi.toarray())
+    u, s = torch_top_singular(ppmi, 16, seed=0, device="cpu")
+    np.testing.assert_allclose(s, exact.S[:16], rtol=1e-3)
+    np.testing.assert_allclose(np.abs((u * exact.U[:, :16]).sum(0)), 1.0, atol=1e-2)  # the same vectors, up to sign
+    state = torch.get_rng_state()
+    vec, seen = ppmi_vectors(corpus(), V, dim=8, skip=[1, 2], svd_device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)  # the training's random stream is not moved
+    assert cos(vec[10], vec[11]) > cos(vec[10], vec[12]) + 0.5
+    ref, ref_seen = ppmi_vectors(corpus(), V, dim=8, skip=[1, 2])
+    assert np.array_equal(seen, ref_seen) and vec[seen].std() == pytest.approx(1.0)
+    gram = lambda x: x[seen] @ x[seen].T  # noqa: E731  (sign-free comparison)
+    np.testing.assert_allclose(gram(vec), gram(ref), atol=1e-3 * np.abs(gram(ref)).max())
 
 def test_cooccurrences_are_weighted_by_distance_and_never_span_two_texts():
     counts = cooccurrences([[5, 7, 8], [6, 9], [1, 7, 1, 8]], 12, skip=[1], window=2).toarray()
