@@ -22,7 +22,6 @@ def test_tfidf_logreg_scores_the_same_splits_and_returns_their_probabilities(tin
     assert summary["val_accuracy"] > 0.5  # the tiny texts carry their label in their words
 
 
-
 def test_tfidf_logreg_fits_the_c_grid_in_parallel_with_the_serial_result(tiny_cfg, tiny_tokenizer):
     data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
     grid = (0.01, 1.0, 100.0)  # far apart: different validation scores and probabilities per C
@@ -32,6 +31,7 @@ def test_tfidf_logreg_fits_the_c_grid_in_parallel_with_the_serial_result(tiny_cf
     for split in ("validation", "test"):
         np.testing.assert_allclose(p2[split], p1[split], rtol=0, atol=1e-12)
     np.testing.assert_array_equal(pipe2["logreg"].coef_, pipe1["logreg"].coef_)
+
 
 def one_hot_noisy(labels: np.ndarray, correct: float, rng: np.random.Generator, classes: int = 3) -> np.ndarray:
     """Probabilities that put 0.8 on the true class for a ``correct`` share of rows, else on a wrong class."""

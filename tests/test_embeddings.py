@@ -50,7 +50,6 @@ def test_ppmi_vectors_put_words_with_the_same_neighbours_together():
     assert vec[seen].std() == pytest.approx(1.0)
 
 
-
 def test_ppmi_vectors_by_torch_svd_match_scikit_learns():
     """svd_device (CUDA runs) factorises with torch.svd_lowrank: here on the CPU, against the exact SVD."""
     rng = np.random.default_rng(0)
@@ -69,6 +68,7 @@ def test_ppmi_vectors_by_torch_svd_match_scikit_learns():
     assert np.array_equal(seen, ref_seen) and vec[seen].std() == pytest.approx(1.0)
     gram = lambda x: x[seen] @ x[seen].T  # noqa: E731  (sign-free comparison)
     np.testing.assert_allclose(gram(vec), gram(ref), atol=1e-3 * np.abs(gram(ref)).max())
+
 
 def test_cooccurrences_are_weighted_by_distance_and_never_span_two_texts():
     counts = cooccurrences([[5, 7, 8], [6, 9], [1, 7, 1, 8]], 12, skip=[1], window=2).toarray()
