@@ -62,6 +62,14 @@ class LengthBucketSampler(torch.utils.data.Sampler[list[int]]):
         return len(self.global_batches()[self.rank :: self.world_size])
 
 
+def padded_length(longest: int, multiple: int, max_length: int | None = None) -> int:
+    """``longest`` rounded up to a multiple of ``multiple``, but not past ``max_length`` (nor below ``longest``)."""
+    if multiple <= 1:
+        return longest
+    rounded = -(-longest // multiple) * multiple
+    return max(longest, min(rounded, max_length or rounded))
+
+
 class Collator:
     """Pads a list of examples to the longest in the batch (never to a global maximum).
 
@@ -75,10 +83,8 @@ class Collator:
         self.pad_multiple, self.max_length = pad_multiple, max_length
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        longest = self.pad_to or max(len(r["input_ids"]) for r in rows)
-        if not self.pad_to and self.pad_multiple > 1:
-            rounded = -(-longest // self.pad_multiple) * self.pad_multiple
-            longest = max(longest, min(rounded, self.max_length or rounded))
+        longest = self.pad_to or padded_length(max(len(r["input_ids"]) for r in rows), self.pad_multiple,
+                                               self.max_length)
         ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             x = r["input_ids"][:longest]

@@ -38,10 +38,11 @@ from hybridlib.artifacts import (
     read_json,
 )
 from hybridlib.baselines import load_tfidf_logreg, mix_probs, tfidf_proba
+from hybridlib.batching import padded_length
 from hybridlib.errors import CheckpointError, DataError
 from hybridlib.explain import explain
 from hybridlib.model import HybridClassifier
-from hybridlib.runtime import resolve_device
+from hybridlib.runtime import CUDA_PAD_MULTIPLE, resolve_device
 from hybridlib.threads import CPUThreads
 from hybridlib.tokens import encode_texts, load_tokenizer, special_tokens
 
@@ -100,6 +101,8 @@ class Predictor:
         self.cfg = checkpoint_config(checkpoint)
         self.label_names: list[str] = list(checkpoint["label_names"])
         self.pad_id: int = int(checkpoint["tokenizer"]["pad_id"])
+        # CUDA: batch lengths in multiples of 64, as in training (a few shapes, each set up once by cuDNN)
+        self.pad_multiple = CUDA_PAD_MULTIPLE if device.type == "cuda" else 1
         prefix, suffix = special_tokens(tokenizer)
         self._n_special = len(prefix) + len(suffix)
         # texts longer than this many characters are cut to the parts the model reads (see _shorten)
@@ -213,10 +216,10 @@ class Predictor:
         return encode_texts(self.tokenizer, short, self.cfg.max_length, self.cfg.truncation)[0]
 
     def batch_tensors(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) on the device, padded to the longest; an empty sequence becomes
-        one pad token (zero embedding) so it still has a length."""
+        """(input_ids, attention_mask) on the device, padded to the longest (rounded up to ``pad_multiple``);
+        an empty sequence becomes one pad token (zero embedding) so it still has a length."""
         ids = [x if x else [self.pad_id] for x in ids]
-        longest = max(len(x) for x in ids)
+        longest = padded_length(max(len(x) for x in ids), self.pad_multiple, self.cfg.max_length)
         batch = torch.full((len(ids), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), longest), dtype=torch.bool)
         for row, x in enumerate(ids):

@@ -37,8 +37,8 @@ def configure_cuda(benchmark: bool = False) -> None:
     """CUDA only: TF32 for fp32 matrix products (cuBLAS) and cuDNN's convolutions and LSTM; with ``benchmark``,
     cuDNN also times its algorithms for each new input shape and keeps the fastest (training and the bench call
     it so: their batch lengths are multiples of ``CUDA_PAD_MULTIPLE``, a handful of shapes). Left off elsewhere:
-    ``Predictor`` pads each call to its own length, and timing algorithms for every new length would cost more
-    than it saves. Never called on CPU runs, whose settings it would not change anyway."""
+    ``Predictor`` pads to the same multiples, but its batch sizes change from call to call, and each new
+    (batch, length) pair would be timed again. Never called on CPU runs, whose settings it would not change anyway."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if benchmark:

@@ -109,6 +109,19 @@ def test_predict_batches_give_the_same_results(run_dir, predictor):
     np.testing.assert_allclose(a, one, atol=1e-5)
 
 
+def test_padding_batches_to_a_multiple_as_on_cuda_changes_no_prediction(run_dir, predictor):
+    texts = [SPORTS, BUSINESS, "goal", "market " * 40, "", "stock and planet and team"]
+    padded = Predictor.from_run(run_dir, batch_size=4)
+    padded.pad_multiple = 16  # CUDA's policy (CUDA_PAD_MULTIPLE), at a size the tiny run's texts reach
+    ids = padded.encode(texts)
+    batch, mask = padded.batch_tensors(ids[:3])
+    assert batch.shape[1] % 16 == 0 and mask.sum(1).tolist() == [len(x) for x in ids[:3]]
+    np.testing.assert_allclose(padded.predict_proba(texts), predictor.predict_proba(texts), atol=1e-5)
+    a, b = padded.explain(SPORTS), predictor.explain(SPORTS)
+    assert a["tokens"] == b["tokens"]
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+
+
 def test_predict_rejects_what_is_not_text(predictor):
     with pytest.raises(DataError):
         predictor.predict(42)
