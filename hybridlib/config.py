@@ -117,10 +117,6 @@ class Config:
         0.0, "training",
         "Adversarial training (Miyato et al. 2017): each step also trains on the word embeddings moved by this L2 "
         "norm per text along the loss gradient. A second forward and backward pass per step (0: off).", min=0.0)
-    adversarial_every: int = _f(
-        1, "training",
-        "With adversarial_eps: the perturbed pass on every N-th step only (1: every step; 2: half the extra cost).",
-        min=1)
     swa_start: int = _f(
         0, "training",
         "Weight averaging (SWA, Izmailov et al. 2018): from this epoch on, validate and keep the equal average of the "

@@ -289,7 +289,7 @@ def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, dev
     ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["attention_mask"].to(device, non_blocking=True)
     y = batch["labels"].to(device, non_blocking=True)
-    adversarial = cfg.adversarial_eps > 0 and scheduler.last_epoch % cfg.adversarial_every == 0  # last_epoch: steps
+    adversarial = cfg.adversarial_eps > 0
     with embedding_tap(model.embedding) if adversarial else nullcontext() as tap:
         loss, total, logits = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths)
     if not cuda and not torch.isfinite(total):
