@@ -3,7 +3,7 @@
 from hybridlib.config import Config, load_config
 from hybridlib.errors import CheckpointError, ConfigError, DataError, HybridlibError, RunError
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 __all__ = ["Config", "load_config", "Predictor", "HybridlibError", "ConfigError", "DataError", "CheckpointError", "RunError"]
 
