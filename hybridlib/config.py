@@ -117,11 +117,6 @@ class Config:
         0.0, "training",
         "Adversarial training (Miyato et al. 2017): each step also trains on the word embeddings moved by this L2 "
         "norm per text along the loss gradient. A second forward and backward pass per step (0: off).", min=0.0)
-    adversarial_replays: int = _f(
-        1, "training",
-        "With adversarial_eps: 'free' adversarial training (Shafahi et al. 2019) instead of the second pass: train each "
-        "batch this many steps in a row, each on the embeddings moved along the previous step's gradient (1: off).",
-        min=1)
     swa_start: int = _f(
         0, "training",
         "Weight averaging (SWA, Izmailov et al. 2018): from this epoch on, validate and keep the equal average of the "

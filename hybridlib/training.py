@@ -123,7 +123,7 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
         model, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else model
     steps_per_epoch = len(make_loader(data.splits["train"], cfg, data.pad_id, train=True, rank=dist.rank,
                                       world_size=dist.world_size, device=device))
-    optimizer, scheduler, scaler = make_optimization(model, cfg, steps_per_epoch * cfg.epochs * replays(cfg), amp_dtype)
+    optimizer, scheduler, scaler = make_optimization(model, cfg, steps_per_epoch * cfg.epochs, amp_dtype)
     averaged = AveragedModel(model) if cfg.swa_start else None
     if cfg.resume:
         state = resume_state(run_dir, model, optimizer, scheduler, scaler, device, dist, averaged)
@@ -198,11 +198,6 @@ def weights_to_keep(model: HybridClassifier, averaged: AveragedModel | None, epo
     return averaged.module
 
 
-def replays(cfg: Config) -> int:
-    """Optimisation steps per batch."""
-    return cfg.adversarial_replays if cfg.adversarial_eps > 0 else 1
-
-
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
     """Multiplier of the peak lr at each step: linear warm-up, then linear/cosine decay or constant."""
 
@@ -254,13 +249,13 @@ def step_losses(net, ids, mask, y, cfg: Config, device, amp_dtype, host_lengths=
 
 @contextmanager
 def embedding_tap(embedding: torch.nn.Module, add: torch.Tensor | None = None):
-    """Within the block, the embedding's output (plus ``add``, if given: adversarial training) keeps its gradient
-    (``tap.output.grad`` after backward)."""
+    """Within the block, the embedding's output keeps its gradient (``tap.output.grad`` after backward), or,
+    with ``add``, has ``add`` added to it (adversarial training)."""
     tap = SimpleNamespace(output=None)
 
     def hook(module, inputs, out):
         if add is not None:
-            out = out + add
+            return out + add
         if not out.requires_grad:  # freeze_embeddings: still need the gradient with respect to the vectors
             out = out.detach().requires_grad_()
         out.retain_grad()
@@ -294,9 +289,6 @@ def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, dev
     ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["attention_mask"].to(device, non_blocking=True)
     y = batch["labels"].to(device, non_blocking=True)
-    if cfg.adversarial_eps > 0 and cfg.adversarial_replays > 1:
-        return free_adversarial_steps(net, model, ids, mask, y, optimizer, scheduler, scaler, cfg, device, amp_dtype,
-                                      host_lengths)
     adversarial = cfg.adversarial_eps > 0
     with embedding_tap(model.embedding) if adversarial else nullcontext() as tap:
         loss, total, logits = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths)
@@ -309,44 +301,13 @@ def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, dev
         with embedding_tap(model.embedding, add=r):
             _, adv_total, _ = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths)
         scaler.scale(adv_total).backward()
-    optimizer_step(model, optimizer, scheduler, scaler, cfg)
-    return loss, logits, y
-
-
-def optimizer_step(model, optimizer, scheduler, scaler, cfg: Config) -> None:
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-
-
-def free_adversarial_steps(net, model, ids, mask, y, optimizer, scheduler, scaler, cfg: Config, device, amp_dtype,
-                           host_lengths):
-    """``adversarial_replays`` steps on one batch: the first on the plain embeddings, each next one on them moved
-    by the perturbation grown along the previous step's gradient (kept within norm ``adversarial_eps`` per text),
-    so each step's one backward pass serves both the weights and the perturbation. Returns the first step's
-    (joint-head loss, logits, labels)."""
-    r, first = None, None
-    for _ in range(cfg.adversarial_replays):
-        with embedding_tap(model.embedding, add=r) as tap:
-            loss, total, logits = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths)
-        first = first or (loss, logits, y)
-        if device.type != "cuda" and not torch.isfinite(total):
-            return total, logits, y
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        step = adversarial_perturbation(tap.output.grad, cfg.adversarial_eps)
-        r = step if r is None else project(r + step, cfg.adversarial_eps)
-        optimizer_step(model, optimizer, scheduler, scaler, cfg)
-    return first
-
-
-def project(r: torch.Tensor, eps: float) -> torch.Tensor:
-    """``r`` scaled down, per text, to an L2 norm of at most ``eps``."""
-    norm = r.float().norm(dim=(1, 2), keepdim=True)
-    return (r * (eps / norm.clamp_min(1e-12)).clamp(max=1.0).to(r.dtype)).detach()
+    return loss, logits, y
 
 
 SYNC_EVERY = 20  # CUDA: steps between reads of the running loss and accuracy (and of the non-finite check)
