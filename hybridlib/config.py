@@ -117,11 +117,6 @@ class Config:
         0.0, "training",
         "Adversarial training (Miyato et al. 2017): each step also trains on the word embeddings moved by this L2 "
         "norm per text along the loss gradient. A second forward and backward pass per step (0: off).", min=0.0)
-    mixup_alpha: float = _f(
-        0.0, "training",
-        "Mixup of pooled features (senMixup, Guo et al. 2019): each step trains on every text's branch features mixed "
-        "with another text's of the batch, weight ~ Beta(alpha, alpha), and the two labels' losses mixed alike (0: off).",
-        min=0.0)
     swa_start: int = _f(
         0, "training",
         "Weight averaging (SWA, Izmailov et al. 2018): from this epoch on, validate and keep the equal average of the "

@@ -232,14 +232,10 @@ class HybridClassifier(nn.Module):
         return self.head(torch.cat(list(parts.values()), dim=-1))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_aux: bool = False,
-                host_lengths: torch.Tensor | None = None, mix: tuple[torch.Tensor, float] | None = None):
+                host_lengths: torch.Tensor | None = None):
         """Logits (B, C); with ``with_aux``, (logits, {branch: logits of its auxiliary head}) ({} without them).
-        ``host_lengths``: as in :meth:`branch_features`. ``mix`` = (perm, lam): classify each text's pooled features
-        mixed as ``lam * own + (1 - lam) * those of text perm[i]`` (mixup, training only)."""
+        ``host_lengths``: as in :meth:`branch_features`."""
         parts = self.branch_features(input_ids, attention_mask, host_lengths)
-        if mix is not None:
-            perm, lam = mix
-            parts = {name: lam * f + (1 - lam) * f[perm] for name, f in parts.items()}
         logits = self.classify(parts)
         if not with_aux:
             return logits

@@ -233,34 +233,16 @@ def make_optimization(model: torch.nn.Module, cfg: Config, total_steps: int, amp
 # ----------------------------------------------------------------------------- one epoch
 
 
-def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float, mix=None) -> torch.Tensor:
-    """Cross-entropy; with ``mix`` = (perm, lam), ``lam * CE(y) + (1 - lam) * CE(y[perm])`` (mixup's targets)."""
-    ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    if mix is None:
-        return ce
-    perm, lam = mix
-    return lam * ce + (1 - lam) * F.cross_entropy(logits.float(), y[perm], label_smoothing=label_smoothing)
-
-
-def mixup_pairs(n: int, alpha: float, device) -> tuple[torch.Tensor, float]:
-    """(a random permutation of the batch, a mixing weight ~ Beta(alpha, alpha)) for one step's mixup."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    return torch.randperm(n).to(device), lam
-
-
-def step_losses(net, ids, mask, y, cfg: Config, device, amp_dtype, host_lengths=None, mix=None):
+def step_losses(net, ids, mask, y, cfg: Config, device, amp_dtype, host_lengths=None):
     """(joint-head loss, loss to optimise, logits) of one forward pass; the second adds ``branch_aux_loss``.
-    ``host_lengths``: the texts' lengths on the CPU (CUDA: spares the packed LSTM a wait for the GPU).
-    ``mix``: :func:`mixup_pairs`' (perm, lam), or None."""
+    ``host_lengths``: the texts' lengths on the CPU (CUDA: spares the packed LSTM a wait for the GPU)."""
     extra = {} if host_lengths is None else {"host_lengths": host_lengths}
-    if mix is not None:
-        extra["mix"] = mix
     with autocast(device, amp_dtype):
         logits, aux = net(ids, mask, with_aux=True, **extra)
-    loss = mixed_cross_entropy(logits, y, cfg.label_smoothing, mix)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     total = loss
     if aux:  # branch_aux_loss: each branch's own classifier learns too
-        aux_loss = sum(mixed_cross_entropy(a, y, cfg.label_smoothing, mix) for a in aux.values())
+        aux_loss = sum(F.cross_entropy(a.float(), y, label_smoothing=cfg.label_smoothing) for a in aux.values())
         total = loss + cfg.branch_aux_loss * aux_loss / len(aux)
     return loss, total, logits
 
@@ -308,9 +290,8 @@ def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, dev
     mask = batch["attention_mask"].to(device, non_blocking=True)
     y = batch["labels"].to(device, non_blocking=True)
     adversarial = cfg.adversarial_eps > 0
-    mix = mixup_pairs(len(y), cfg.mixup_alpha, device) if cfg.mixup_alpha > 0 else None
     with embedding_tap(model.embedding) if adversarial else nullcontext() as tap:
-        loss, total, logits = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths, mix)
+        loss, total, logits = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths)
     if not cuda and not torch.isfinite(total):
         return total, logits, y
     optimizer.zero_grad(set_to_none=True)
@@ -318,7 +299,7 @@ def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, dev
     if adversarial:  # a second pass on the perturbed embeddings; its gradients add to the first's
         r = adversarial_perturbation(tap.output.grad, cfg.adversarial_eps)
         with embedding_tap(model.embedding, add=r):
-            _, adv_total, _ = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths, mix)
+            _, adv_total, _ = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths)
         scaler.scale(adv_total).backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)

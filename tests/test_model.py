@@ -394,31 +394,3 @@ def test_adversarial_training_adds_the_perturbed_loss_gradient():
     # a vanishing perturbation: the second pass has the same gradient, so the step's gradient doubles
     assert torch.allclose(gradient(1e-6), 2 * plain, rtol=1e-3, atol=1e-7)
     assert not torch.allclose(gradient(1.0), 2 * plain, rtol=1e-2, atol=1e-5)
-
-
-def test_mixup_mixes_pooled_features_and_both_labels_losses():
-    """With mix = (perm, lam): every head classifies lam * features + (1 - lam) * features[perm], and each loss is
-    lam * CE(y) + (1 - lam) * CE(y[perm]); lam = 1 is the plain step."""
-    import torch.nn.functional as F
-
-    from hybridlib.training import step_losses
-
-    ids, mask = pad_batch([random_ids(n, seed=n) for n in (3, 8, 12, 5)])
-    y = torch.tensor([0, 1, 2, 1])
-    cfg = tiny_config(branches=["cnn", "lstm"], branch_aux_loss=0.5)
-    model = make_model(branches=["cnn", "lstm"], branch_aux_loss=0.5)  # eval mode: no dropout
-    perm, lam = torch.tensor([2, 0, 3, 1]), 0.7
-    loss, total, logits = step_losses(model, ids, mask, y, cfg, torch.device("cpu"), None, mix=(perm, lam))
-    parts = {k: lam * f + (1 - lam) * f[perm] for k, f in model.branch_features(ids, mask).items()}
-    expected_logits = model.classify(parts)
-    assert torch.allclose(logits, expected_logits, atol=1e-6)
-
-    def ce(z):
-        return lam * F.cross_entropy(z, y) + (1 - lam) * F.cross_entropy(z, y[perm])
-
-    branch = sum(ce(head(parts[k])) for k, head in model.aux_heads.items()) / len(model.aux_heads)
-    assert loss.item() == pytest.approx(ce(expected_logits).item(), rel=1e-6)
-    assert total.item() == pytest.approx((ce(expected_logits) + 0.5 * branch).item(), rel=1e-6)
-    plain = step_losses(model, ids, mask, y, cfg, torch.device("cpu"), None)
-    mixed_one = step_losses(model, ids, mask, y, cfg, torch.device("cpu"), None, mix=(perm, 1.0))
-    assert torch.allclose(plain[1], mixed_one[1]) and not torch.allclose(plain[1], total)
