@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from hybridlib.config import NAMED_EMBEDDINGS, PATH_FIELDS, Config, config_from_dict, save_config
+from hybridlib.config import Config, load_config, project_root, save_config
 from hybridlib.errors import CheckpointError, RunError
 from hybridlib.model import HybridClassifier, build_model
 
@@ -231,7 +231,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def checkpoint_config(ckpt: dict[str, Any]) -> Config:
     """The Config a checkpoint was trained with (fields it does not store: their defaults). Works for
     format 1 (every field; retired options at their "off" value are dropped, switched on are refused)."""
-    return config_from_dict(ckpt["config"], source="checkpoint")
+    return load_config(base=ckpt["config"])
 
 
 def check_compatible(ckpt: dict[str, Any], vocab_size: int | None = None, num_classes: int | None = None) -> None:
@@ -296,15 +296,6 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- run folders
 
 
-def project_root() -> Path:
-    """The folder holding notebooks/ and params/ (the repo), found from this package or the cwd."""
-    here = Path(__file__).resolve().parent.parent
-    for cand in (here, Path.cwd(), *Path.cwd().parents):
-        if (cand / "notebooks").is_dir() and (cand / "params").is_dir():
-            return cand
-    return Path.cwd()
-
-
 def outputs_root() -> Path:
     """Where runs go: $HYBRIDLIB_OUTPUTS, else <project>/outputs."""
     return Path(os.environ.get("HYBRIDLIB_OUTPUTS") or project_root() / "outputs")
@@ -318,20 +309,6 @@ def default_run_name(cfg: Config, root: Path | None = None) -> str:
     while taken and (root / f"{name}-{suffix}").exists():
         suffix += 1
     return f"{name}-{suffix}" if taken else name
-
-
-def resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative path parameters absolute against ``base`` (tokenizer only if such a folder exists)."""
-    out = dict(values)
-    for key in PATH_FIELDS:
-        if key == "pretrained_embeddings" and out.get(key) in NAMED_EMBEDDINGS:
-            continue  # a named source, not a path
-        if out.get(key) and not Path(out[key]).expanduser().is_absolute():
-            out[key] = str((base / out[key]).resolve())
-    tok = out.get("tokenizer")
-    if tok and not Path(tok).is_absolute() and (base / tok).is_dir():
-        out["tokenizer"] = str((base / tok).resolve())
-    return out
 
 
 def create_run_dir(path: Path) -> Path:

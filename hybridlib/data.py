@@ -11,10 +11,10 @@ from typing import Any
 
 import datasets
 
-from hybridlib.config import Config
+from hybridlib.config import Config, check_locations, data_folder
 from hybridlib.errors import DataError
 from hybridlib.hub import hub_reachable
-from hybridlib.rawdata import encode_labels, load_raw, resolve_data_dir
+from hybridlib.rawdata import encode_labels, load_raw
 from hybridlib.tokens import encode_texts, load_tokenizer, tokenizer_fingerprint
 
 
@@ -65,9 +65,10 @@ def split_train_val(dsd, cfg: Config):
 
 
 def preflight(cfg: Config) -> None:
-    """Fail before a run starts if its data or tokenizer cannot be found (cheap checks only)."""
+    """Fail before a run starts if its data or tokenizer cannot be found or loaded."""
+    check_locations(cfg)
     load_tokenizer(cfg.tokenizer)
-    if resolve_data_dir(cfg) is None and not hub_reachable():
+    if data_folder(cfg) is None and not hub_reachable():
         load_raw(cfg)  # offline: succeeds only from the local datasets cache, else a clear DataError
 
 

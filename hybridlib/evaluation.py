@@ -20,7 +20,6 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
 )
-from tqdm.auto import tqdm
 
 from hybridlib.artifacts import (
     METRICS_FILE,
@@ -42,11 +41,11 @@ from hybridlib.artifacts import (
 )
 from hybridlib.baselines import ensemble, save_tfidf_logreg, tfidf_logreg
 from hybridlib.batching import make_loader
-from hybridlib.config import Config, config_from_dict, validate
+from hybridlib.config import Config, load_config, validate
 from hybridlib.data import Data, prepare_data
 from hybridlib.errors import ConfigError
 from hybridlib.model import count_parameters
-from hybridlib.runtime import autocast, resolve_device, resolve_precision
+from hybridlib.runtime import autocast, progress_bar, resolve_device, resolve_precision
 from hybridlib.threads import CPUThreads
 from hybridlib.tokens import load_tokenizer
 
@@ -69,7 +68,7 @@ def predict_logits(
     logits, labels, order = [], [], []
     sampler = loader.batch_sampler
     batches = list(sampler) if sampler is not None else None
-    for i, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+    for i, batch in enumerate(progress_bar(loader, desc, disable=not progress)):
         if threads is not None:
             threads.update()
         ids = batch["input_ids"].to(device, non_blocking=True)
@@ -206,7 +205,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: dict[s
     overrides = validate(overrides or {}, source="-p")
     if overrides.get("dataset", values["dataset"]) != values["dataset"] and "data_dir" not in overrides:
         values["data_dir"] = None  # another dataset: don't read the training data's folder
-    cfg = config_from_dict({**values, **overrides})
+    cfg = load_config(overrides=overrides, base=values)
     device = resolve_device(cfg.device)
     threads = CPUThreads(cfg.num_threads, device)
     local_tok = path.parent / TOKENIZER_DIR

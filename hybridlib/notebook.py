@@ -26,8 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hybridlib.artifacts import PARAMS_FILE, latest_run, outputs_root, project_root, resolve_paths
-from hybridlib.config import FIELDS, Config, load_config, validate
+from hybridlib.artifacts import PARAMS_FILE, latest_run, outputs_root
+from hybridlib.config import FIELDS, Config, load_config, project_root, resolve_paths, validate
 from hybridlib.errors import ConfigError, RunError
 
 __all__ = ["PARAMETER_NAMES", "notebook_config", "notebook_run", "notebook_parameters"]
@@ -89,8 +89,7 @@ def notebook_config(namespace: dict[str, Any]) -> Config:
     root = project_root()
     params_file, source = _params_file(namespace, root)
     overrides = notebook_parameters(namespace)
-    cfg = load_config(params_file, overrides)
-    cfg = Config(**resolve_paths(cfg.to_dict(), root))
+    cfg = load_config(params_file, overrides, overrides_dir=root)
     print(f"[hybridlib] params from {source}; set in the notebook: {_describe(overrides)}")
     return cfg
 
@@ -121,8 +120,7 @@ def notebook_run(namespace: dict[str, Any]) -> tuple[Config, Path]:
         print(f"[hybridlib] run {run}")
     if not (run / PARAMS_FILE).is_file():
         raise RunError(f"{run} is not a hybridlib run (no {PARAMS_FILE}). Set run_dir to a run folder under outputs/.")
-    overrides = resolve_paths(overrides, root)
     if overrides:
         print(f"[hybridlib] set in the notebook, over the run's params.yaml: {_describe(overrides)}")
-    cfg = load_config(run / PARAMS_FILE, {**overrides, "run_dir": str(run), "resume": False})
+    cfg = load_config(run / PARAMS_FILE, {**overrides, "run_dir": str(run), "resume": False}, overrides_dir=root)
     return cfg, run

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import codecs
 import math
-import os
 import re
 from pathlib import Path
 
@@ -14,28 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hybridlib.config import Config
+from hybridlib.config import Config, data_folder
 from hybridlib.errors import ConfigError, DataError
 from hybridlib.hub import go_offline, hub_reachable
 
 DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
-
-
-def resolve_data_dir(cfg: Config) -> Path | None:
-    """The local data folder: ``data_dir``, else ``$HYBRIDLIB_DATA_DIR/<dataset>`` when it exists."""
-    if cfg.data_dir:
-        path = Path(cfg.data_dir).expanduser()
-        if not path.is_dir():
-            raise DataError(
-                f"data_dir '{cfg.data_dir}' does not exist (or is not a folder). Point data_dir at a folder "
-                f"holding {cfg.train_split}.parquet/.csv/.jsonl and {cfg.test_split}.*, or unset it to load "
-                f"'{cfg.dataset}' from the Hugging Face hub."
-            )
-        return path
-    root = os.environ.get("HYBRIDLIB_DATA_DIR")
-    if root and (Path(root) / cfg.dataset).is_dir():
-        return Path(root) / cfg.dataset
-    return None
 
 
 def _split_file(folder: Path, split: str) -> Path:
@@ -63,7 +45,7 @@ def _is_empty_file(path: Path) -> bool:
 
 def load_raw(cfg: Config):
     """A DatasetDict with the train and test splits, from local files or the hub."""
-    folder = resolve_data_dir(cfg)
+    folder = data_folder(cfg)
     splits = {"train": cfg.train_split, "test": cfg.test_split}
     if folder is not None:
         files = {key: _split_file(folder, split) for key, split in splits.items()}

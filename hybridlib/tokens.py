@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
-from transformers import AutoTokenizer
-
+from hybridlib.config import tokenizer_folder
 from hybridlib.errors import DataError
 from hybridlib.hub import go_offline, hub_reachable
 
 
 def load_tokenizer(name: str):
     """A fast tokenizer from a local folder or a hub id (offline: cache only, clear error)."""
-    local = Path(name).expanduser()
-    shelf = os.environ.get("HYBRIDLIB_TOKENIZERS_DIR")
-    if not local.exists() and shelf and (Path(shelf) / name).is_dir():
-        local = Path(shelf) / name  # e.g. $HYBRIDLIB_TOKENIZERS_DIR/bert-base-uncased
-    if local.exists():
-        if not local.is_dir():
-            raise DataError(f"Tokenizer path '{name}' is a file; point 'tokenizer' at the folder holding vocab.txt.")
+    from transformers import AutoTokenizer  # heavy: loaded when a tokenizer is
+
+    local = tokenizer_folder(name)
+    if local is not None:
         try:
             tok = AutoTokenizer.from_pretrained(str(local), use_fast=True)
         except Exception as e:  # transformers raises many types here

@@ -233,7 +233,7 @@ def test_bad_cli_values_rejected(key, text):
 
 
 def test_named_pretrained_embeddings_are_not_taken_for_paths(tmp_path):
-    from hybridlib.artifacts import resolve_paths
+    from hybridlib.config import resolve_paths
 
     out = resolve_paths({"pretrained_embeddings": "minilm", "data_dir": "data"}, tmp_path)
     assert out["pretrained_embeddings"] == "minilm"
@@ -292,7 +292,7 @@ def test_a_retired_key_at_its_off_value_is_dropped(tmp_path, key, off):
     path = write_yaml(tmp_path, yaml.safe_dump({key: off, "epochs": 3}))
     assert load_config(path) == Config(epochs=3)
     assert C.validate({key: off}) == {}
-    assert C.config_from_dict({**Config().to_dict(), key: off}) == Config()
+    assert C.load_config(base={**Config().to_dict(), key: off}) == Config()
 
 
 @pytest.mark.parametrize("key,value", [("branch_norm", True), ("ema_decay", 0.9), ("unseen_embeddings", "zero"),
@@ -300,7 +300,7 @@ def test_a_retired_key_at_its_off_value_is_dropped(tmp_path, key, off):
 def test_a_retired_option_switched_on_names_the_version_to_use(tmp_path, key, value):
     path = write_yaml(tmp_path, yaml.safe_dump({key: value}), name="old.yaml")
     for call in (lambda: load_config(path), lambda: load_config(overrides={key: value}),
-                 lambda: C.config_from_dict({key: value})):
+                 lambda: C.load_config(base={key: value})):
         with pytest.raises(ConfigError) as e:
             call()
         msg = str(e.value)

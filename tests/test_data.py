@@ -13,10 +13,10 @@ import torch
 
 from hybridlib import data as hd
 from hybridlib.batching import Collator, LengthBucketSampler, make_loader
-from hybridlib.config import load_config
+from hybridlib.config import data_folder, load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import DataError
-from hybridlib.rawdata import load_raw, natural_key, resolve_data_dir
+from hybridlib.rawdata import load_raw, natural_key
 from hybridlib.tokens import load_tokenizer, tokenizer_fingerprint
 
 
@@ -527,7 +527,7 @@ def test_hybridlib_data_dir_env(tmp_path, monkeypatch, tiny_data_dir):
     shutil.copytree(tiny_data_dir, tmp_path / "tiny")
     monkeypatch.setenv("HYBRIDLIB_DATA_DIR", str(tmp_path))
     cfg = load_config(overrides={"dataset": "tiny"})
-    assert resolve_data_dir(cfg) == tmp_path / "tiny"
+    assert data_folder(cfg) == tmp_path / "tiny"
     raw = load_raw(cfg)
     assert len(raw["train"]) == 240 and len(raw["test"]) == 80
 
