@@ -8,19 +8,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hybridlib import pipeline
-from hybridlib.artifacts import METRICS_FILE, read_json
-from hybridlib.bench import format_report, run_benchmark
-from hybridlib.compare import to_markdown, write_comparison
-from hybridlib.config import describe, parse_cli_value
+from hybridlib.config import Config, check_locations, describe, load_config, parse_cli_value, validate
 from hybridlib.errors import HybridlibError
-from hybridlib.evaluation import evaluate_checkpoint
-from hybridlib.plots import save_run_plots
-from hybridlib.prediction import Predictor
+
+# Each command imports the modules it runs when it starts, so that --help, `hybridlib params` and a refused
+# parameter answer without loading torch, datasets or papermill.
 
 
 def _overrides(pairs: list[list[str]] | None) -> dict[str, Any]:
-    return {k: parse_cli_value(v) for k, v in (pairs or [])}
+    return validate({k: parse_cli_value(v) for k, v in (pairs or [])}, source="-p")
+
+
+def _config(a: argparse.Namespace) -> Config:
+    """The command's Config; a bad parameter or a missing data or tokenizer folder is refused here, before the
+    command loads torch."""
+    cfg = load_config(a.params, _overrides(a.parameter))
+    check_locations(cfg)
+    return cfg
+
+
+def _existing(path: str, expected: str) -> None:
+    """Refuse a path argument that does not exist before the command loads torch."""
+    if not Path(path).exists():
+        raise HybridlibError(f"'{path}' does not exist. Pass {expected}.")
 
 
 def _add_p(p: argparse.ArgumentParser) -> None:
@@ -34,11 +44,18 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.resume:
         if a.params or a.parameter or a.run_name:
             raise HybridlibError("--resume takes only the run folder; its params.yaml is reused unchanged.")
+        from hybridlib import pipeline
+
         run_dir = pipeline.resume(a.resume, notebooks_dir=a.notebooks)
     else:
         if not a.params:
             raise HybridlibError("hybridlib run needs a params file, e.g. `hybridlib run params/ag_news.yaml`.")
-        run_dir = pipeline.run(a.params, _overrides(a.parameter), a.run_name, a.outputs, a.notebooks)
+        cfg = _config(a)
+        from hybridlib import pipeline
+
+        run_dir = pipeline.run(cfg, a.run_name, a.outputs, a.notebooks)
+    from hybridlib.artifacts import METRICS_FILE, read_json
+
     metrics = Path(run_dir) / METRICS_FILE
     print(f"Run finished: {run_dir}")
     if metrics.is_file():
@@ -49,7 +66,10 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    result, run_dir = pipeline.train_only(a.params, _overrides(a.parameter), a.run_name, a.outputs)
+    cfg = _config(a)
+    from hybridlib import pipeline
+
+    result, run_dir = pipeline.train_only(cfg, a.run_name, a.outputs)
     if result is not None:
         print(f"Training finished: {run_dir} (best val_accuracy {result.best_val_accuracy:.4f} at epoch "
               f"{result.best_epoch}). Evaluate and plot it with: hybridlib run --resume {run_dir}")
@@ -60,6 +80,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     over = _overrides(a.parameter)
     if a.dataset:
         over["dataset"] = a.dataset
+    _existing(a.checkpoint, "the model.pt of a finished run (outputs/RUN/model.pt)")
+    from hybridlib.evaluation import evaluate_checkpoint
+
     out = evaluate_checkpoint(a.checkpoint, a.split, over, progress=not a.json)
     if a.json:
         print(json.dumps(out["metrics"], indent=2))
@@ -87,6 +110,9 @@ def _read_texts(a: argparse.Namespace) -> list[str]:
 
 def cmd_predict(a: argparse.Namespace) -> int:
     texts = _read_texts(a)  # before loading the model: a missing text fails fast
+    _existing(a.checkpoint, "a run folder (outputs/RUN) or its model.pt")
+    from hybridlib.prediction import Predictor
+
     is_run = Path(a.checkpoint).is_dir()  # a run folder works too
     if is_run:
         predictor = Predictor.from_run(a.checkpoint, device=a.device)
@@ -110,6 +136,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_visualize(a: argparse.Namespace) -> int:
+    _existing(a.run_dir, "a run folder (outputs/RUN)")
+    from hybridlib.plots import save_run_plots
+
     paths, metrics = save_run_plots(a.run_dir)
     for p in paths:
         print(f"wrote {p}")
@@ -120,6 +149,10 @@ def cmd_visualize(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
+    for run in a.runs:
+        _existing(run, "run folders (outputs/RUN)")
+    from hybridlib.compare import to_markdown, write_comparison
+
     table, paths = write_comparison(a.runs, a.out)
     print(to_markdown(table))
     for p in paths:
@@ -128,6 +161,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    _config(a)
+    from hybridlib.bench import format_report, run_benchmark
+
     result = run_benchmark(
         a.params, _overrides(a.parameter), steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds,
         eval_texts=a.eval_texts, predict_n=a.predict_n, cold=not a.no_cold, progress=not a.json,

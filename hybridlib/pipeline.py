@@ -8,16 +8,20 @@ message says where the run stands and how to resume it. Executed notebooks are w
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
 import papermill as pm
 import torch
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 from papermill.exceptions import PapermillExecutionError
 from papermill.iorw import LocalHandler, papermill_io
 
@@ -32,17 +36,15 @@ from hybridlib.artifacts import (
     format_bytes,
     free_bytes,
     outputs_root,
-    project_root,
     read_history,
-    resolve_paths,
     run_lock,
     write_text,
 )
-from hybridlib.config import Config, load_config, read_params_file, save_config, validate
+from hybridlib.config import Config, project_root, save_config
 from hybridlib.data import Data, preflight, prepare_data
 from hybridlib.distributed import check_world, process_group
 from hybridlib.errors import HybridlibError, RunError
-from hybridlib.runtime import dist_info
+from hybridlib.runtime import PROGRESS_ENV, dist_info
 from hybridlib.training import TrainResult, fit, train
 
 NOTEBOOKS = [
@@ -54,21 +56,9 @@ NOTEBOOKS = [
 ]
 
 
-def prepare_run(
-    params_file: str | Path | None,
-    overrides: dict[str, Any] | None = None,
-    run_name: str | None = None,
-    outputs: str | Path | None = None,
-) -> tuple[Config, Path]:
-    """Validate params, create the run folder and write its resolved params.yaml (nothing else)."""
-    cwd = Path.cwd()
-    values = read_params_file(params_file) if params_file else {}
-    values = validate(values, source=str(params_file))
-    values.update(validate(overrides or {}, source="-p"))
-    # paths in a params file are relative to the project root, paths from -p to where you run
-    file_paths = resolve_paths({k: v for k, v in values.items() if k not in (overrides or {})}, project_root())
-    cli_paths = resolve_paths({k: v for k, v in values.items() if k in (overrides or {})}, cwd)
-    cfg = load_config(None, {**file_paths, **cli_paths})
+def prepare_run(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None) -> tuple[Config, Path]:
+    """Check that the data and tokenizer of ``cfg`` (from :func:`hybridlib.config.load_config`) can be found,
+    create the run folder and write its resolved params.yaml (nothing else)."""
     preflight(cfg)  # a missing dataset/tokenizer fails here, before a run folder exists
     root = Path(outputs) if outputs else outputs_root()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else root / (run_name or default_run_name(cfg, root))
@@ -85,23 +75,27 @@ class Interrupted(KeyboardInterrupt):
 
 def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Path | None = None,
             extra: dict[str, Any] | None = None, progress: bool = True) -> None:
-    """Run each notebook with ``params_file=<run>/params.yaml``, saving the executed copy in the run.
+    """Run each notebook with ``params_file=<run>/params.yaml``, saving the executed copy in the run. With
+    ``progress``, what the cells print (the epoch lines, text progress bars) is streamed to this terminal.
     Ctrl-C: the kernel is interrupted and shut down, then :class:`Interrupted` is raised."""
     nb_dir = notebooks_dir or project_root() / "notebooks"
+    names = notebooks or NOTEBOOKS
     _write_notebooks_atomically(run_dir)
-    with _CtrlC() as ctrl_c:
-        for name in notebooks or NOTEBOOKS:
+    with _CtrlC() as ctrl_c, _kernel_env({PROGRESS_ENV: "text"} if progress else {}):
+        for i, name in enumerate(names, 1):
             src = nb_dir / name
             if not src.is_file():
                 raise RunError(f"Notebook {src} not found; run from the project folder or pass --notebooks DIR.")
-            print(f"[hybridlib] {name} -> {run_dir / name}", file=sys.stderr, flush=True)
+            print(f"[hybridlib] {i}/{len(names)} {name} -> {run_dir / name}", file=sys.stderr, flush=True)
             try:
                 pm.execute_notebook(
                     str(src),
                     str(run_dir / name),
                     parameters={"params_file": str(run_dir / PARAMS_FILE), "run_dir": str(run_dir), **(extra or {})},
                     cwd=str(nb_dir),
-                    progress_bar=progress,
+                    progress_bar=False,
+                    stdout_file=sys.stdout if progress else None,
+                    stderr_file=sys.stderr if progress else None,
                     kernel_name="python3",
                     kernel_manager_class=_KernelManager,
                     on_cell_execute=ctrl_c.before_cell,
@@ -116,6 +110,21 @@ def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Pa
                 raise
             finally:
                 _KernelManager.latest = None
+
+
+@contextmanager
+def _kernel_env(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables for the kernels started within the block (they inherit this process's)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunError:
@@ -144,14 +153,29 @@ def interrupted_message(run_dir: Path, name: str) -> str:
     return f"Interrupted in {name}: {run_dir} {stands}: hybridlib run --resume {run_dir}"
 
 
+_KERNEL_IDS = itertools.count()
+
+
 class _KernelManager(AsyncKernelManager):
-    """papermill's kernel manager, remembered so that Ctrl-C can interrupt the kernel it started."""
+    """papermill's kernel manager, remembered so that Ctrl-C can interrupt the kernel it started. The kernel
+    talks to us over local IPC sockets (files in Jupyter's runtime folder) instead of unencrypted TCP ports."""
 
     latest: ClassVar[AsyncKernelManager | None] = None
 
     def __init__(self, **kwargs: Any) -> None:
+        runtime = Path(jupyter_runtime_dir())
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # the sockets' path prefix: absolute (the kernel runs in notebooks/) and unique (runs side by side)
+        kwargs.setdefault("transport", "ipc")
+        kwargs.setdefault("ip", str(runtime / f"hybridlib-{os.getpid()}-{next(_KERNEL_IDS)}"))
         super().__init__(**kwargs)
         _KernelManager.latest = self
+
+    async def _async_interrupt_kernel(self) -> None:
+        """jupyter_client interrupts every kernel it shuts down; ours are idle then (Ctrl-C interrupts them through
+        :class:`_CtrlC`), and the signal only makes an idle kernel log "KeyboardInterrupt caught in kernel"."""
+        if not self.shutting_down:
+            await super()._async_interrupt_kernel()
 
 
 class _CtrlC:
@@ -219,9 +243,10 @@ def _user_errors() -> list[type]:
     return out
 
 
-def run(params_file, overrides=None, run_name=None, outputs=None, notebooks_dir=None, progress=True) -> Path:
-    """Validate params, create ``outputs/<run_name>/`` and execute the notebooks into it."""
-    cfg, run_dir = prepare_run(params_file, overrides, run_name, outputs)
+def run(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None, notebooks_dir: Path | None = None,
+        progress: bool = True) -> Path:
+    """Create ``outputs/<run_name>/`` for ``cfg`` and execute the notebooks into it."""
+    cfg, run_dir = prepare_run(cfg, run_name, outputs)
     with run_lock(run_dir):
         execute(run_dir, notebooks_dir=notebooks_dir, progress=progress)
     return run_dir
@@ -243,19 +268,18 @@ def resume(run_dir: str | Path, notebooks_dir=None, progress=True) -> Path:
 # ----------------------------------------------------------------------------- training only (torchrun)
 
 
-def train_only(params_file: str | Path, overrides: dict[str, Any] | None = None, run_name: str | None = None,
-               outputs: str | Path | None = None) -> tuple[TrainResult | None, Path]:
+def train_only(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None
+               ) -> tuple[TrainResult | None, Path]:
     """Train (no notebooks) a new run, or the run whose params.yaml is given; under torchrun (RANK set) as one
     rank of the job, else on ``num_processes`` processes of this machine. Returns (rank 0's result, run folder)."""
     if "RANK" not in os.environ:
-        cfg, run_dir = _train_setup(params_file, overrides, run_name, outputs)
+        cfg, run_dir = _train_setup(cfg, run_name, outputs)
         return fit(cfg, run_dir), run_dir
-    device = load_config(params_file, overrides).device
-    with process_group(device) as dist:
+    with process_group(cfg.device) as dist:
         box: list[Any] = [None]
         if dist.is_main:
             try:
-                box[0] = _train_setup(params_file, overrides, run_name, outputs)
+                box[0] = _train_setup(cfg, run_name, outputs)
             except HybridlibError as e:
                 box[0] = e
         torch.distributed.broadcast_object_list(box, src=0)  # every rank: the same config and folder
@@ -267,14 +291,13 @@ def train_only(params_file: str | Path, overrides: dict[str, Any] | None = None,
     return (result if dist.is_main else None), Path(run_dir)
 
 
-def _train_setup(params_file, overrides, run_name, outputs) -> tuple[Config, Path]:
+def _train_setup(given: Config, run_name: str | None, outputs: str | Path | None) -> tuple[Config, Path]:
     """Rank 0: the run's Config and folder, new (params.yaml written) or an existing run's."""
-    given = load_config(params_file, overrides)
     if given.run_dir and (Path(given.run_dir) / PARAMS_FILE).is_file():  # e.g. outputs/RUN/params.yaml
         given.run_dir = str(Path(given.run_dir).resolve())
         cfg, run_dir = given, Path(given.run_dir)
     else:
-        cfg, run_dir = prepare_run(params_file, overrides, run_name, outputs)
+        cfg, run_dir = prepare_run(given, run_name, outputs)
     check_run_dir(run_dir, cfg.resume)
     return cfg, run_dir
 

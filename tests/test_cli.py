@@ -176,3 +176,22 @@ def test_run_offline_hub_names_fail_fast_with_a_local_files_hint(tiny_params, tm
     assert res.returncode == 2
     assert_clean_error(res, *needles)
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- answering fast
+
+
+HEAVY = ("torch", "datasets", "transformers", "papermill", "sklearn", "matplotlib")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["params"], ["run", "--help"],
+                                  ["run", "params/ag_news.yaml", "-p", "lr", "banana"],
+                                  ["run", "params/imdb.yaml", "-p", "data_dir", "no/such/folder"],
+                                  ["predict", "--checkpoint", "no/such/run", "--text", "hi"]],
+                         ids=["help", "params", "run_help", "bad_value", "missing_data_dir", "missing_checkpoint"])
+def test_help_and_refusals_load_no_heavy_library(args):
+    """What makes `hybridlib --help` or a typo answer at once: none of the heavy libraries is imported."""
+    code = ("import sys\nfrom hybridlib.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-2000:] + res.stderr[-2000:]

@@ -1,7 +1,9 @@
 """The module graph of hybridlib: one-way layers, no import cycles, no hidden (function-local) imports.
 
 Read from the source with ``ast`` (nothing is imported), so a cycle that Python would only hit on some
-import order, or an import tucked inside a function to dodge one, is caught here.
+import order, or an import tucked inside a function to dodge one, is caught here. The graph holds every
+import, at module level or in a function: the entry points (the package and the command line) import the
+modules a command needs when it runs, and those imports count like any other.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ LAYERS = [
     "notebook", "pipeline", "cli",
 ]
 ENTRY_POINTS = {"__init__", "__main__"}  # the package itself and `python -m hybridlib`: above every layer
-# The one function-local import allowed: hybridlib/__init__.py imports Predictor (torch) only when asked for.
-LAZY = {("__init__", "hybridlib.prediction")}
+# Where function-local imports of hybridlib modules are allowed: hybridlib/__init__.py imports Predictor (torch)
+# only when asked for; each command of the CLI imports its modules when it runs (`hybridlib --help` stays light).
+LAZY_ENTRY_POINTS = {"__init__", "cli"}
 
 
 def modules() -> dict[str, ast.Module]:
@@ -59,11 +62,12 @@ def top_level_statements(tree: ast.Module):
                     todo.extend(child.body if isinstance(child, ast.ExceptHandler) else [child])
 
 
-def graph() -> dict[str, set[str]]:
-    """{module: hybridlib modules it imports at top level}."""
+def graph(top_level_only: bool = False) -> dict[str, set[str]]:
+    """{module: hybridlib modules it imports (at module level only, with ``top_level_only``)}."""
     out = {}
     for name, tree in modules().items():
-        out[name] = {m for node in top_level_statements(tree) for m in hybridlib_imports(node)} - {name}
+        nodes = top_level_statements(tree) if top_level_only else ast.walk(tree)
+        out[name] = {m for node in nodes for m in hybridlib_imports(node)} - {name}
     return out
 
 
@@ -76,17 +80,22 @@ def test_the_scan_sees_the_real_imports():
 
 
 def test_no_function_local_imports_of_hybridlib_modules():
-    """Every hybridlib import sits at module level, where the graph above sees it (a local import hides a
-    cycle instead of removing it); the one exception is the lazy Predictor of hybridlib/__init__.py."""
+    """Every hybridlib import of a library module sits at module level (a local import would hide the order in
+    which modules load); only the entry points load modules on demand."""
     local = []
     for name, tree in modules().items():
         top = {id(node) for node in top_level_statements(tree)}
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
                 for target in hybridlib_imports(node):
-                    if (name, f"hybridlib.{target}") not in LAZY:
+                    if name not in LAZY_ENTRY_POINTS:
                         local.append(f"hybridlib/{name}.py:{node.lineno} imports hybridlib.{target} inside a function")
     assert not local, "\n".join(local)
+
+
+def test_the_command_line_loads_no_command_at_import():
+    """`hybridlib --help`, `hybridlib params` and a refused parameter need only config and errors."""
+    assert graph(top_level_only=True)["cli"] == {"config", "errors"}
 
 
 def test_the_lazy_predictor_is_the_only_exception():
@@ -95,7 +104,7 @@ def test_the_lazy_predictor_is_the_only_exception():
     lazy = [m for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and id(node) not in top
             for m in hybridlib_imports(node)]
     assert lazy == ["prediction"]
-    assert "prediction" not in graph()["__init__"]  # `import hybridlib` stays light (no torch)
+    assert "prediction" not in graph(top_level_only=True)["__init__"]  # `import hybridlib` stays light (no torch)
 
 
 def test_no_import_cycles():

@@ -82,7 +82,7 @@ def reference(outputs, tiny_params):
     """An uninterrupted 3-epoch run created like `hybridlib run` does (prepare_run), trained and evaluated."""
     from hybridlib.evaluation import evaluate_run
 
-    cfg, run_dir = prepare_run(tiny_params, {"epochs": EPOCHS}, run_name="reference", outputs=outputs)
+    cfg, run_dir = prepare_run(load_config(tiny_params, {"epochs": EPOCHS}), run_name="reference", outputs=outputs)
     data = prepare_data(cfg)
     result = training.train(cfg, run_dir, data, progress=False)
     metrics = evaluate_run(cfg, run_dir, data, progress=False)["metrics"]
@@ -168,7 +168,7 @@ def test_prepare_run_reads_yaml_1e_3_as_a_number(tmp_path, tiny_data_dir, tiny_t
     params = fixtures.write_tiny_params(tmp_path / "p.yaml", tiny_data_dir, tiny_tokenizer_dir)
     params.write_text(params.read_text().replace("lr: 0.01", "lr: 1e-3"))
     assert "lr: 1e-3" in params.read_text()
-    cfg, run_dir = prepare_run(params, run_name="sci", outputs=tmp_path / "out")
+    cfg, run_dir = prepare_run(load_config(params), run_name="sci", outputs=tmp_path / "out")
     assert cfg.lr == 0.001 and isinstance(cfg.lr, float)
     assert load_config(run_dir / "params.yaml").lr == 0.001
 
@@ -263,11 +263,11 @@ CHILD = textwrap.dedent('''
         time.sleep(600)
 
     if mode == "mid_epoch":  # after 5 optimizer steps of epoch 2 (epoch 1 is saved, epoch 2 is half done)
-        real_tqdm = T.tqdm
+        real_bar = T.progress_bar
 
         class Hang:
             def __init__(self, it, desc="", **kw):
-                self.bar, self.desc = real_tqdm(it, desc=desc, **kw), desc
+                self.bar, self.desc = real_bar(it, desc, **kw), desc
 
             def __iter__(self):
                 for i, batch in enumerate(self.bar):
@@ -278,7 +278,7 @@ CHILD = textwrap.dedent('''
             def set_postfix(self, **kw):
                 pass
 
-        T.tqdm = Hang
+        T.progress_bar = Hang
     else:  # mid_write: the 3rd checkpoint write (in epoch 2) stops half-way through the file
         real_save, calls = torch.save, []
 
@@ -304,7 +304,7 @@ CHILD = textwrap.dedent('''
 
 def interrupted_run(tmp_path: Path, outputs: Path, tiny_params: Path, name: str, mode: str) -> Path:
     """A pipeline run folder whose training was SIGKILLed at ``mode``; checks what the kill left behind."""
-    _, run_dir = prepare_run(tiny_params, {"epochs": EPOCHS}, run_name=name, outputs=outputs)
+    _, run_dir = prepare_run(load_config(tiny_params, {"epochs": EPOCHS}), run_name=name, outputs=outputs)
     script, marker, log = tmp_path / "child.py", tmp_path / "marker", tmp_path / "child.log"
     script.write_text(CHILD)
     with open(log, "wb") as out:
@@ -393,7 +393,7 @@ def test_resume_rewrites_a_log_that_missed_the_last_epoch(reference, tmp_path):
 def test_same_params_and_seed_give_identical_results_on_cpu(reference, outputs):
     from hybridlib.evaluation import evaluate_run
 
-    cfg, run_dir = prepare_run(reference["dir"] / "params.yaml", {"run_dir": None}, run_name="again", outputs=outputs)
+    cfg, run_dir = prepare_run(load_config(reference["dir"] / "params.yaml", {"run_dir": None}), run_name="again", outputs=outputs)
     training.train(cfg, run_dir, reference["data"], progress=False)
     metrics = evaluate_run(cfg, run_dir, reference["data"], progress=False)["metrics"]
     assert log_rows(run_dir) == log_rows(reference["dir"])
@@ -415,9 +415,9 @@ OVERWRITES = {
                            ["last.pt", "never overwrites"]),
     "fit_2_processes": (lambda e: training.fit(dataclasses.replace(e["cfg"], num_processes=2), e["finished"], e["data"]),
                         ["never overwrites"]),
-    "prepare_run_name": (lambda e: prepare_run(e["params"], {"epochs": 1}, run_name="finished", outputs=e["out"]),
+    "prepare_run_name": (lambda e: prepare_run(load_config(e["params"], {"epochs": 1}), run_name="finished", outputs=e["out"]),
                          ["already exists", "--run-name"]),
-    "prepare_run_dir": (lambda e: prepare_run(e["params"], {"run_dir": str(e["finished"])}, outputs=e["out"]),
+    "prepare_run_dir": (lambda e: prepare_run(load_config(e["params"], {"run_dir": str(e["finished"])}), outputs=e["out"]),
                         ["already exists"]),
     "create_run_dir": (lambda e: create_run_dir(e["finished"]), ["already exists"]),
     "cli_run": (lambda e: main(["run", str(e["params"]), "--run-name", "finished", "--outputs", str(e["out"])]),
