@@ -16,6 +16,23 @@ import torch
 
 from hybridlib.errors import ConfigError
 
+PROGRESS_ENV = "HYBRIDLIB_PROGRESS"  # "text": set by the pipeline for its kernels, whose output reaches a terminal
+TEXT_BAR_SECONDS = 10.0  # a text bar's update interval: a few lines per epoch in the terminal and the notebook
+
+
+def progress_bar(iterable: Any, desc: str, disable: bool = False) -> Any:
+    """A tqdm bar over ``iterable`` that disappears when done: JupyterLab's widget, or in a pipeline run
+    (``$HYBRIDLIB_PROGRESS=text``) a text bar on stderr, updated every ``TEXT_BAR_SECONDS``, that papermill
+    streams to the terminal."""
+    if os.environ.get(PROGRESS_ENV) == "text":
+        from tqdm.std import tqdm
+
+        return tqdm(iterable, desc=desc, disable=disable, leave=False, file=sys.stderr, mininterval=TEXT_BAR_SECONDS,
+                    dynamic_ncols=False, ncols=100)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, disable=disable, leave=False)
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """The device ``name`` stands for; a CUDA device gets :func:`configure_cuda`'s TF32 settings."""

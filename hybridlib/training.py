@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
 from hybridlib.artifacts import (
     LAST_FILE,
@@ -55,6 +54,7 @@ from hybridlib.runtime import (
     dist_info,
     get_rng_state,
     peak_rss_mb,
+    progress_bar,
     resolve_device,
     resolve_precision,
     set_rng_state,
@@ -137,7 +137,7 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
         t0 = time.perf_counter()
         loader = make_loader(data.splits["train"], cfg, data.pad_id, train=True, epoch=epoch, rank=dist.rank,
                              world_size=dist.world_size, device=device)
-        bar = tqdm(loader, desc=f"Epoch {epoch}/{cfg.epochs}", disable=not (progress and dist.is_main), leave=False)
+        bar = progress_bar(loader, f"Epoch {epoch}/{cfg.epochs}", disable=not (progress and dist.is_main))
         train_loss, train_acc = train_epoch(net, model, bar, optimizer, scheduler, scaler, cfg, device, amp_dtype,
                                             threads, state, run_dir)
         kept = weights_to_keep(model, averaged, epoch, cfg)
@@ -361,7 +361,7 @@ def train_epoch(net, model, batches, optimizer, scheduler, scaler, cfg: Config, 
             check_finite(running.read(), state, run_dir, cfg)
         sums = running.sums
         if step % 20 == 0 and hasattr(batches, "set_postfix"):
-            batches.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+            batches.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
     check_finite(running.read(), state, run_dir, cfg)
     loss_sum, correct, n = all_reduce_sum(running.sums, device)
     return loss_sum / n, correct / n

@@ -62,7 +62,7 @@ def make_texts(n: int, seed: int = 0, min_words: int = 3, max_words: int = 60) -
     return texts, labels
 
 
-def _write(rows: dict[str, list], path: Path, fmt: str) -> None:
+def write_rows(rows: dict[str, list], path: Path, fmt: str) -> None:
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -94,7 +94,7 @@ def make_tiny_dataset(
     for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):
         texts, labels = make_texts(n, seed=s)
         lab: list[Any] = [LABEL_NAMES[y] for y in labels] if string_labels else labels
-        _write({"text": texts, "label": lab}, folder / f"{split}.{_EXT[fmt]}", fmt)
+        write_rows({"text": texts, "label": lab}, folder / f"{split}.{_EXT[fmt]}", fmt)
     return folder
 
 
