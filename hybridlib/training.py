@@ -184,7 +184,6 @@ def init_model(cfg: Config, data: Data, device: torch.device, pretrained: bool =
         initialise_embedding(model.embedding, cfg.pretrained_embeddings, data.splits["train"]["input_ids"],
                              skip=data.tokenizer.all_special_ids, seed=cfg.seed,
                              svd_device=device if device.type == "cuda" else None)  # the CPU keeps scikit-learn's
-    model.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
     return model.to(device)
 
 
@@ -198,26 +197,20 @@ def weights_to_keep(model: HybridClassifier, averaged: AveragedModel | None, epo
     return averaged.module
 
 
-def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
-    """Multiplier of the peak lr at each step: linear warm-up, then linear/cosine decay or constant."""
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Multiplier of the peak lr at each step: linear warm-up, then linear decay to 0."""
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return max(0.0, 1.0 - progress)
 
     return f
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over all the model's parameters (fused: one kernel for all tensors). A frozen embedding never gets a
-    gradient, so AdamW leaves it alone; it stays in the list so that last.pt holds the same parameter group with
-    and without freeze_embeddings, as the last.pt files of hybridlib 0.1.0 do (they resume)."""
+    """AdamW over all the model's parameters, in one group (fused: one kernel for all tensors)."""
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
@@ -225,7 +218,7 @@ def make_optimization(model: torch.nn.Module, cfg: Config, total_steps: int, amp
     """(optimizer, lr scheduler, fp16 gradient scaler) for ``total_steps`` steps."""
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.lr_schedule, total_steps, int(cfg.warmup_ratio * total_steps)))
+        optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps)))
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 
@@ -239,10 +232,10 @@ def step_losses(net, ids, mask, y, cfg: Config, device, amp_dtype, host_lengths=
     extra = {} if host_lengths is None else {"host_lengths": host_lengths}
     with autocast(device, amp_dtype):
         logits, aux = net(ids, mask, with_aux=True, **extra)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    loss = F.cross_entropy(logits.float(), y)
     total = loss
     if aux:  # branch_aux_loss: each branch's own classifier learns too
-        aux_loss = sum(F.cross_entropy(a.float(), y, label_smoothing=cfg.label_smoothing) for a in aux.values())
+        aux_loss = sum(F.cross_entropy(a.float(), y) for a in aux.values())
         total = loss + cfg.branch_aux_loss * aux_loss / len(aux)
     return loss, total, logits
 
@@ -256,8 +249,6 @@ def embedding_tap(embedding: torch.nn.Module, add: torch.Tensor | None = None):
     def hook(module, inputs, out):
         if add is not None:
             return out + add
-        if not out.requires_grad:  # freeze_embeddings: still need the gradient with respect to the vectors
-            out = out.detach().requires_grad_()
         out.retain_grad()
         tap.output = out
         return out
