@@ -65,7 +65,8 @@ from hybridlib.runtime import (
 )
 from hybridlib.threads import CPUThreads, allowed_cpus, busy_neighbour, physical_cores
 from hybridlib.tokens import load_tokenizer
-from hybridlib.training import SYNC_EVERY, init_model, lr_lambda, make_optimizer, train_step
+from hybridlib.training import SYNC_EVERY, init_model, make_optimization, train_step
+from hybridlib.trainstate import Loop
 
 NAIVE = "naive"
 PROJECT = "hybridlib"
@@ -168,12 +169,7 @@ class _Path:
     def __init__(self, name: str, model, loader, cfg: Config, device, amp_dtype):
         self.name, self.model, self.cfg, self.device, self.amp_dtype = name, model, cfg, device, amp_dtype
         self.batches = iter(loader)
-        self.optimizer = make_optimizer(model, cfg)
-        total = len(loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total, int(cfg.warmup_ratio * total))
-        )
-        self.scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+        self.loop = Loop(cfg, model, model, device, amp_dtype, None, *make_optimization(model, cfg, len(loader), amp_dtype))
         self.seconds = self.data_seconds = 0.0
         self.steps = self.samples = self.tokens = self.padded_tokens = 0
         self.loss_sum = 0.0
@@ -193,10 +189,7 @@ class _Path:
                 more = False
                 break
             data_s += time.perf_counter() - t
-            loss, logits, y = train_step(
-                self.model, self.model, batch, self.optimizer, self.scheduler, self.scaler, self.cfg, self.device,
-                self.amp_dtype
-            )
+            loss, logits, y = train_step(self.loop, batch)
             losses.append(loss.detach().double())
             corrects.append((logits.argmax(1) == y).sum().double())  # train() counts correct predictions
             batches.append(batch)

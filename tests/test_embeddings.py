@@ -20,7 +20,7 @@ from hybridlib.embeddings import (
 )
 from hybridlib.errors import ConfigError
 from hybridlib.model import build_model
-from hybridlib.training import init_model, make_optimizer
+from hybridlib.training import init_model, make_optimization
 
 V = 60
 
@@ -144,7 +144,7 @@ def test_vectors_from_a_file_through_init_model(tmp_path):
         assert torch.allclose(model.embedding.weight[1:], torch.from_numpy(mat[1:]))
         assert torch.equal(model.embedding.weight[0], torch.zeros(8))  # the pad row stays zero
         assert not torch.equal(build_model(cfg, V, 3).embedding.weight[1:], model.embedding.weight[1:])
-        params = make_optimizer(model, cfg).param_groups[0]["params"]
+        params = make_optimization(model, cfg, 10, None)[0].param_groups[0]["params"]
         assert [id(p) for p in params] == [id(p) for p in model.parameters()] and all(p.requires_grad for p in params)
 
 
