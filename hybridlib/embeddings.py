@@ -65,18 +65,17 @@ def cooccurrences(token_ids: Sequence[Sequence[int]], vocab_size: int, skip: Ite
 
 
 def ppmi_vectors(token_ids: Sequence[Sequence[int]], vocab_size: int, dim: int, skip: Iterable[int] = (),
-                 window: int = 5, seed: int = 0, svd_device: torch.device | str | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 seed: int = 0, svd_device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Word vectors from co-occurrences in ``token_ids``: (vectors (vocab, dim), mask of the tokens seen).
 
-    Counts pairs up to ``window`` tokens apart (weight 1/distance, never across texts, ignoring ``skip``:
-    special tokens), takes the positive PMI with context-distribution smoothing (alpha 0.75), and keeps
+    Counts pairs up to 5 tokens apart (:func:`cooccurrences`: weight 1/distance, never across texts, ignoring
+    ``skip``: special tokens), takes the positive PMI with context-distribution smoothing (alpha 0.75), and keeps
     the top ``dim`` singular directions, U * sqrt(S): the settings of Levy, Goldberg & Dagan (2015),
     where this matches word2vec. Seen rows are scaled to std 1, like nn.Embedding's initialisation.
     ``svd_device``: None factorises with scikit-learn's randomized SVD on the CPU; a torch device with
     :func:`torch_top_singular` there (what CUDA runs use).
     """
-    counts = cooccurrences(token_ids, vocab_size, skip, window)
+    counts = cooccurrences(token_ids, vocab_size, skip)
     c = counts.tocoo()
     word = np.asarray(counts.sum(1)).ravel()
     context = np.asarray(counts.sum(0)).ravel() ** 0.75
