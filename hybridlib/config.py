@@ -293,9 +293,10 @@ def _retired(key: str, value: Any, source: str) -> bool:
             f"{LAST_VERSION_WITH[key]} to load or reproduce a run that used it."
         )
     if value in RETIRED_VALUES.get(key, ()):
+        allowed = _type_name(_HINTS[key]) if typing.get_origin(_HINTS[key]) is Literal else "another value"
         raise ConfigError(
             f"Parameter '{key}'{where}: {value!r} was removed from hybridlib after it failed validation "
-            f"(docs/accuracy.md, 'Rejected options'). Use {_type_name(_HINTS[key])} ({FIELDS[key].metadata['help']}), "
+            f"(docs/accuracy.md, 'Rejected options'). Use {allowed} ({FIELDS[key].metadata['help']}), "
             f"or {LAST_VERSION_WITH[key]} to load or reproduce a run that used it."
         )
     return False
