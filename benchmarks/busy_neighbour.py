@@ -15,13 +15,14 @@ Micro-measurements of training steps (no data needed; for choosing the policy's 
     .venv/bin/python benchmarks/busy_neighbour.py --appear [--interval 1.0]  # auto; a neighbour comes and goes
     .venv/bin/python benchmarks/busy_neighbour.py --tokenize                 # the Rust tokenizer's thread pool
 
-The neighbour is ``python -c "while True: pass"`` (``hybridlib.threads.busy_neighbour``), started before and
-stopped after each measurement. The machine should be otherwise idle: check ``uptime`` first.
+The neighbour is ``python -c "while True: pass"`` (:func:`busy_neighbour`), started before and stopped after
+each measurement. The machine should be otherwise idle: check ``uptime`` first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -29,12 +30,40 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ARGS = ["-p", "max_train_samples", "1500", "-p", "max_eval_samples", "200", "-p", "max_length", "256",
             "-p", "epochs", "1", "-p", "baseline", "false"]
 POLICIES = {"default": None, "num_threads 1": 1, "num_threads 2": 2}
+_SPIN = """import os, sys
+{pin}ppid = os.getppid()
+sys.stdout.write("r"); sys.stdout.flush()
+while os.getppid() == ppid:  # a pure Python busy loop; ends by itself if its parent dies
+    for _ in range(1000000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def busy_neighbour(cpu: int | None = None, python: str | None = None) -> Iterator[subprocess.Popen]:
+    """Run another process that keeps one core busy (``while True: pass``) while the block runs.
+
+    ``cpu``: pin it to that CPU (None: the scheduler places it). It is running when the block starts, and
+    killed and reaped when the block ends, whether it returns or raises. Yields the ``Popen``.
+    """
+    pin = f"os.sched_setaffinity(0, {{{int(cpu)}}})\n" if cpu is not None else ""
+    proc = subprocess.Popen([python or sys.executable, "-c", _SPIN.format(pin=pin)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        if proc.stdout.read(1) != b"r":  # started and spinning (or it failed: say so)
+            raise RuntimeError(f"busy_neighbour: the spinning process exited at once (code {proc.wait()})")
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def load() -> dict:
@@ -89,8 +118,6 @@ def wait_quiet(level: float = 0.15, window: float = 3.0, max_wait: float | None 
 
 
 def whole_run(params: str, extra: list[str], num_threads: int | None, busy: bool, outputs: Path, name: str) -> dict:
-    from hybridlib.threads import busy_neighbour
-
     cli = str(Path(sys.executable).parent / "hybridlib")
     cmd = [cli, "run", params, *RUN_ARGS, *extra, "--run-name", name, "--outputs", str(outputs)]
     if num_threads is not None:
@@ -232,7 +259,7 @@ def _timed(step, threads, seconds: float, max_steps: int, warmup: int = 2) -> di
 
 
 def micro(args) -> dict:
-    from hybridlib.threads import CPUThreads, busy_neighbour
+    from hybridlib.threads import CPUThreads
 
     step, what = _trainer(args.params, args.batch, args.length)
     out: dict = {"what": what, "seconds_each": args.seconds, **load()}
@@ -252,7 +279,7 @@ def micro(args) -> dict:
 
 def appear(args) -> dict:
     """Auto policy; quiet for ``seconds``, then a neighbour for ``seconds``, then quiet again: per-step log."""
-    from hybridlib.threads import CPUThreads, busy_neighbour
+    from hybridlib.threads import CPUThreads
 
     step, what = _trainer(args.params, args.batch, args.length)
     waited = wait_quiet()
@@ -315,8 +342,6 @@ print(len(texts) / (time.perf_counter() - t0))
 
 def tokenize(args) -> dict:
     """Texts/s of the Rust tokenizer (its own thread pool) quiet and beside a neighbour, with 1 and 2 pool threads."""
-    from hybridlib.threads import busy_neighbour
-
     out: dict = {"texts": args.texts}
     for cond in ("quiet", "busy"):
         for label, n in (("default", None), ("1", 1), ("2", 2)):

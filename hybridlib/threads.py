@@ -14,21 +14,17 @@ process may use (``os.sched_getaffinity``, a cgroup CPU quota, ``OMP_NUM_THREADS
 other processes keep busy (``/proc/stat`` for those cores minus this process's own CPU time; or, if more, the time
 this process's threads waited for a CPU, from ``/proc/self/task/*/schedstat``), at least one. Fewer threads at
 once; more only after the cores stayed free for a few decisions (longer on a machine whose load comes and goes).
-Anywhere else the count torch has is kept. ``busy_neighbour()`` starts such a neighbour, for the bench and
-measurements. Set ``HYBRIDLIB_THREADS_LOG`` to a file to have every automatic decision appended to it.
+Anywhere else the count torch has is kept (``benchmarks/busy_neighbour.py`` measures the policy beside a busy
+neighbour). Set ``HYBRIDLIB_THREADS_LOG`` to a file to have every automatic decision appended to it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -353,34 +349,3 @@ class CPUThreads:
     def __repr__(self) -> str:
         mode = "auto" if self.auto else ("fixed" if self.num_threads else "kept")
         return f"CPUThreads({self.count} threads, {mode}, {len(self.cpus)} cpus, limit {self.limit})"
-
-
-# ----------------------------------------------------------------------------- a busy neighbour
-
-_SPIN = """import os, sys
-{pin}ppid = os.getppid()
-sys.stdout.write("r"); sys.stdout.flush()
-while os.getppid() == ppid:  # a pure Python busy loop; ends by itself if its parent dies
-    for _ in range(1000000):
-        pass
-"""
-
-
-@contextlib.contextmanager
-def busy_neighbour(cpu: int | None = None, python: str | None = None) -> Iterator[subprocess.Popen]:
-    """Run another process that keeps one core busy (``while True: pass``) while the block runs.
-
-    ``cpu``: pin it to that CPU (None: the scheduler places it). It is running when the block starts, and
-    killed and reaped when the block ends, whether it returns or raises. Yields the ``Popen``.
-    """
-    pin = f"os.sched_setaffinity(0, {{{int(cpu)}}})\n" if cpu is not None else ""
-    proc = subprocess.Popen([python or sys.executable, "-c", _SPIN.format(pin=pin)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        if proc.stdout.read(1) != b"r":  # started and spinning (or it failed: say so)
-            raise RuntimeError(f"busy_neighbour: the spinning process exited at once (code {proc.wait()})")
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()

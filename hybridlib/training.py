@@ -12,32 +12,20 @@ import math
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from hybridlib.artifacts import (
-    LAST_FILE,
-    LOG_FILE,
     MODEL_FILE,
     TOKENIZER_DIR,
-    TRAIN_INFO_FILE,
-    check_free_space,
     check_run_dir,
-    checkpoint_size,
     disk_full_errors,
-    load_checkpoint,
-    model_checkpoint,
-    remove_stale_temp_files,
     run_lock,
-    save_checkpoint,
-    write_history,
-    write_json,
 )
 from hybridlib.batching import make_loader
 from hybridlib.config import Config
@@ -52,15 +40,13 @@ from hybridlib.runtime import (
     autocast,
     configure_cuda,
     dist_info,
-    get_rng_state,
-    peak_rss_mb,
     progress_bar,
     resolve_device,
     resolve_precision,
-    set_rng_state,
     set_seed,
 )
 from hybridlib.threads import CPUThreads
+from hybridlib.trainstate import Loop, gather_rng_states, resume_state, save_epoch, write_train_info
 
 
 @dataclass
@@ -73,31 +59,6 @@ class TrainResult:
     stopped_early: bool
 
 
-@dataclass
-class TrainState:
-    """What the loop carries from epoch to epoch (and last.pt carries across a resume)."""
-
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_metric: float = -1.0
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    epoch: int = 0  # the last finished epoch
-
-    def record(self, row: dict[str, float]) -> bool:
-        """Add an epoch's row; True if its validation accuracy is the best so far."""
-        self.history.append(row)
-        self.epoch = int(row["epoch"])
-        improved = row["val_accuracy"] > self.best_metric
-        if improved:
-            self.best_metric, self.best_epoch, self.bad_epochs = row["val_accuracy"], self.epoch, 0
-        else:
-            self.bad_epochs += 1
-        return improved
-
-    def stopped_early(self, patience: int) -> bool:
-        return patience > 0 and self.bad_epochs >= patience
-
-
 def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: bool = True) -> TrainResult:
     """Train on ``data`` (prepared from ``cfg`` if not given); write model.pt, last.pt and the log to ``run_dir``.
     Rank 0 holds the run's lock meanwhile: another process that would write the run is refused."""
@@ -107,6 +68,43 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
 
 
 def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: Dist) -> TrainResult:
+    loop, data = start(cfg, run_dir, data, dist)
+    state = loop.state
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.stopped_early(cfg.patience):
+            break
+        t0 = time.perf_counter()
+        loader = make_loader(data.splits["train"], cfg, data.pad_id, train=True, epoch=epoch, rank=dist.rank,
+                             world_size=dist.world_size, device=loop.device)
+        bar = progress_bar(loader, f"Epoch {epoch}/{cfg.epochs}", disable=not (progress and dist.is_main))
+        train_loss, train_acc = train_epoch(loop, bar)
+        kept = weights_to_keep(loop, epoch)
+        val_loss, val_acc = validate(kept, data.splits["validation"], cfg, data.pad_id, loop.device, loop.amp_dtype,
+                                     loop.threads)
+        if not math.isfinite(val_loss):  # never let non-finite weights become model.pt / last.pt
+            raise RunError(diverged_message(loop, f"the validation loss became {val_loss}", epoch, "end"))
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+               "val_accuracy": val_acc, "lr": loop.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        improved = state.record(row)
+        rng = gather_rng_states()  # every rank takes part
+        if dist.is_main:
+            save_epoch(loop, kept, data, improved, rng)
+            if progress:
+                print(epoch_line(row, improved))
+
+    if dist.is_main:
+        write_train_info(loop, dist)
+    return TrainResult(history=state.history, best_epoch=state.best_epoch, best_val_accuracy=state.best_metric,
+                       train_seconds=sum(r["seconds"] for r in state.history),
+                       num_parameters=count_parameters(loop.model), stopped_early=state.stopped_early(cfg.patience))
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def start(cfg: Config, run_dir: Path, data: Data | None, dist: Dist) -> tuple[Loop, Data]:
+    """The run folder, device, threads, data, model and optimisation of a new run, or of a resumed one as
+    its last.pt left them; seeds set for the first epoch."""
     if dist.is_main:
         check_run_dir(run_dir, cfg.resume)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,43 +122,13 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
     steps_per_epoch = len(make_loader(data.splits["train"], cfg, data.pad_id, train=True, rank=dist.rank,
                                       world_size=dist.world_size, device=device))
     optimizer, scheduler, scaler = make_optimization(model, cfg, steps_per_epoch * cfg.epochs, amp_dtype)
-    averaged = AveragedModel(model) if cfg.swa_start else None
+    loop = Loop(cfg, model, net, device, amp_dtype, threads, optimizer, scheduler, scaler, run_dir,
+                averaged=AveragedModel(model) if cfg.swa_start else None)
     if cfg.resume:
-        state = resume_state(run_dir, model, optimizer, scheduler, scaler, device, dist, averaged)
+        loop.state = resume_state(loop, dist)
     else:
-        state = TrainState()
         set_seed(cfg.seed + dist.rank)
-
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        if state.stopped_early(cfg.patience):
-            break
-        t0 = time.perf_counter()
-        loader = make_loader(data.splits["train"], cfg, data.pad_id, train=True, epoch=epoch, rank=dist.rank,
-                             world_size=dist.world_size, device=device)
-        bar = progress_bar(loader, f"Epoch {epoch}/{cfg.epochs}", disable=not (progress and dist.is_main))
-        train_loss, train_acc = train_epoch(net, model, bar, optimizer, scheduler, scaler, cfg, device, amp_dtype,
-                                            threads, state, run_dir)
-        kept = weights_to_keep(model, averaged, epoch, cfg)
-        val_loss, val_acc = validate(kept, data.splits["validation"], cfg, data.pad_id, device, amp_dtype, threads)
-        if not math.isfinite(val_loss):  # never let non-finite weights become model.pt / last.pt
-            raise RunError(diverged_message(f"the validation loss became {val_loss}", epoch, "end", run_dir, state, cfg))
-        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
-               "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-        improved = state.record(row)
-        rng = gather_rng_states()  # every rank takes part
-        if dist.is_main:
-            save_epoch(run_dir, model, kept, averaged, cfg, data, state, improved, optimizer, scheduler, scaler, rng)
-            if progress:
-                print(epoch_line(row, improved))
-
-    if dist.is_main:
-        write_train_info(run_dir, device, amp_dtype, threads, dist)
-    return TrainResult(history=state.history, best_epoch=state.best_epoch, best_val_accuracy=state.best_metric,
-                       train_seconds=sum(r["seconds"] for r in state.history),
-                       num_parameters=count_parameters(model), stopped_early=state.stopped_early(cfg.patience))
-
-
-# ----------------------------------------------------------------------------- set-up
+    return loop, data
 
 
 def training_device(cfg: Config, dist: Dist) -> torch.device:
@@ -184,48 +152,36 @@ def init_model(cfg: Config, data: Data, device: torch.device, pretrained: bool =
         initialise_embedding(model.embedding, cfg.pretrained_embeddings, data.splits["train"]["input_ids"],
                              skip=data.tokenizer.all_special_ids, seed=cfg.seed,
                              svd_device=device if device.type == "cuda" else None)  # the CPU keeps scikit-learn's
-    model.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
     return model.to(device)
 
 
-def weights_to_keep(model: HybridClassifier, averaged: AveragedModel | None, epoch: int,
-                    cfg: Config) -> HybridClassifier:
-    """The model this epoch validates and may keep: ``model``, or from ``cfg.swa_start`` on the running average of
-    its weights at the end of each epoch since then (``averaged`` is updated here)."""
-    if averaged is None or epoch < cfg.swa_start:
-        return model
-    averaged.update_parameters(model)
-    return averaged.module
+def weights_to_keep(loop: Loop, epoch: int) -> HybridClassifier:
+    """The model this epoch validates and may keep: ``loop.model``, or from ``cfg.swa_start`` on the running
+    average of its weights at the end of each epoch since then (``loop.averaged`` is updated here)."""
+    if loop.averaged is None or epoch < loop.cfg.swa_start:
+        return loop.model
+    loop.averaged.update_parameters(loop.model)
+    return loop.averaged.module
 
 
-def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
-    """Multiplier of the peak lr at each step: linear warm-up, then linear/cosine decay or constant."""
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Multiplier of the peak lr at each step: linear warm-up, then linear decay to 0."""
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return max(0.0, 1.0 - progress)
 
     return f
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over all the model's parameters (fused: one kernel for all tensors). A frozen embedding never gets a
-    gradient, so AdamW leaves it alone; it stays in the list so that last.pt holds the same parameter group with
-    and without freeze_embeddings, as the last.pt files of hybridlib 0.1.0 do (they resume)."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-
-
 def make_optimization(model: torch.nn.Module, cfg: Config, total_steps: int, amp_dtype):
-    """(optimizer, lr scheduler, fp16 gradient scaler) for ``total_steps`` steps."""
-    optimizer = make_optimizer(model, cfg)
+    """(optimizer, lr scheduler, fp16 gradient scaler) for ``total_steps`` steps: AdamW over all the model's
+    parameters in one group (fused: one kernel for all tensors)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.lr_schedule, total_steps, int(cfg.warmup_ratio * total_steps)))
+        optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps)))
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 
@@ -233,17 +189,17 @@ def make_optimization(model: torch.nn.Module, cfg: Config, total_steps: int, amp
 # ----------------------------------------------------------------------------- one epoch
 
 
-def step_losses(net, ids, mask, y, cfg: Config, device, amp_dtype, host_lengths=None):
+def step_losses(loop: Loop, ids, mask, y, host_lengths=None):
     """(joint-head loss, loss to optimise, logits) of one forward pass; the second adds ``branch_aux_loss``.
     ``host_lengths``: the texts' lengths on the CPU (CUDA: spares the packed LSTM a wait for the GPU)."""
     extra = {} if host_lengths is None else {"host_lengths": host_lengths}
-    with autocast(device, amp_dtype):
-        logits, aux = net(ids, mask, with_aux=True, **extra)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    with autocast(loop.device, loop.amp_dtype):
+        logits, aux = loop.net(ids, mask, with_aux=True, **extra)
+    loss = F.cross_entropy(logits.float(), y)
     total = loss
     if aux:  # branch_aux_loss: each branch's own classifier learns too
-        aux_loss = sum(F.cross_entropy(a.float(), y, label_smoothing=cfg.label_smoothing) for a in aux.values())
-        total = loss + cfg.branch_aux_loss * aux_loss / len(aux)
+        aux_loss = sum(F.cross_entropy(a.float(), y) for a in aux.values())
+        total = loss + loop.cfg.branch_aux_loss * aux_loss / len(aux)
     return loss, total, logits
 
 
@@ -256,8 +212,6 @@ def embedding_tap(embedding: torch.nn.Module, add: torch.Tensor | None = None):
     def hook(module, inputs, out):
         if add is not None:
             return out + add
-        if not out.requires_grad:  # freeze_embeddings: still need the gradient with respect to the vectors
-            out = out.detach().requires_grad_()
         out.retain_grad()
         tap.output = out
         return out
@@ -276,37 +230,35 @@ def adversarial_perturbation(grad: torch.Tensor, eps: float) -> torch.Tensor:
     return (eps * g / g.norm(dim=(1, 2), keepdim=True).clamp_min(1e-12)).to(grad.dtype).detach()
 
 
-def train_step(net, model, batch, optimizer, scheduler, scaler, cfg: Config, device, amp_dtype):
-    """One optimisation step on ``batch`` (``hybridlib.bench`` times this too).
-
-    ``net`` is ``model`` or its DDP wrapper. Returns (joint-head loss, logits, labels). On CPU, when the loss is not
-    finite nothing is updated and the caller decides what to do. On CUDA that check would wait for the GPU at every
-    step, so the step goes on (the weights may become non-finite) and :func:`train_epoch`'s check, every
-    ``SYNC_EVERY`` steps, stops the run before anything is saved.
-    """
+def train_step(loop: Loop, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step on ``batch`` (``hybridlib.bench`` times this too). Returns (joint-head loss, logits,
+    labels). On CPU, when the loss is not finite nothing is updated and the caller decides what to do. On CUDA
+    that check would wait for the GPU at every step, so the step goes on (the weights may become non-finite) and
+    :func:`train_epoch`'s check, every ``SYNC_EVERY`` steps, stops the run before anything is saved."""
+    cfg, device, scaler = loop.cfg, loop.device, loop.scaler
     cuda = device.type == "cuda"
     host_lengths = batch["attention_mask"].sum(dim=1) if cuda else None
     ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["attention_mask"].to(device, non_blocking=True)
     y = batch["labels"].to(device, non_blocking=True)
     adversarial = cfg.adversarial_eps > 0
-    with embedding_tap(model.embedding) if adversarial else nullcontext() as tap:
-        loss, total, logits = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths)
+    with embedding_tap(loop.model.embedding) if adversarial else nullcontext() as tap:
+        loss, total, logits = step_losses(loop, ids, mask, y, host_lengths)
     if not cuda and not torch.isfinite(total):
         return total, logits, y
-    optimizer.zero_grad(set_to_none=True)
+    loop.optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     if adversarial:  # a second pass on the perturbed embeddings; its gradients add to the first's
         r = adversarial_perturbation(tap.output.grad, cfg.adversarial_eps)
-        with embedding_tap(model.embedding, add=r):
-            _, adv_total, _ = step_losses(net, ids, mask, y, cfg, device, amp_dtype, host_lengths)
+        with embedding_tap(loop.model.embedding, add=r):
+            _, adv_total, _ = step_losses(loop, ids, mask, y, host_lengths)
         scaler.scale(adv_total).backward()
     if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    scaler.step(optimizer)
+        scaler.unscale_(loop.optimizer)
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), cfg.grad_clip)
+    scaler.step(loop.optimizer)
     scaler.update()
-    scheduler.step()
+    loop.scheduler.step()
     return loss, logits, y
 
 
@@ -344,32 +296,31 @@ class RunningSums:
         return bad
 
 
-def train_epoch(net, model, batches, optimizer, scheduler, scaler, cfg: Config, device, amp_dtype,
-                threads: CPUThreads, state: TrainState, run_dir: Path) -> tuple[float, float]:
+def train_epoch(loop: Loop, batches) -> tuple[float, float]:
     """One pass over ``batches`` (a tqdm bar over the loader); (mean loss, accuracy) over all ranks.
 
     The loss and accuracy are read after every step on CPU, every ``SYNC_EVERY`` steps on CUDA (a read waits for
     the GPU); a non-finite loss stops the run at that read, naming the step it came from."""
-    net.train()
-    every = SYNC_EVERY if device.type == "cuda" else 1
+    loop.net.train()
+    every = SYNC_EVERY if loop.device.type == "cuda" else 1
     running = RunningSums()
     for step, batch in enumerate(batches, 1):
-        threads.update()
-        loss, logits, y = train_step(net, model, batch, optimizer, scheduler, scaler, cfg, device, amp_dtype)
+        loop.threads.update()
+        loss, logits, y = train_step(loop, batch)
         running.add(step, loss, (logits.argmax(1) == y).sum(), y.numel())
         if step % every == 0:
-            check_finite(running.read(), state, run_dir, cfg)
+            check_finite(loop, running.read())
         sums = running.sums
         if step % 20 == 0 and hasattr(batches, "set_postfix"):
             batches.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
-    check_finite(running.read(), state, run_dir, cfg)
-    loss_sum, correct, n = all_reduce_sum(running.sums, device)
+    check_finite(loop, running.read())
+    loss_sum, correct, n = all_reduce_sum(running.sums, loop.device)
     return loss_sum / n, correct / n
 
 
-def check_finite(bad: tuple[int, float] | None, state: TrainState, run_dir: Path, cfg: Config) -> None:
+def check_finite(loop: Loop, bad: tuple[int, float] | None) -> None:
     if bad is not None:
-        raise RunError(diverged_message(f"the loss became {bad[1]}", state.epoch + 1, bad[0], run_dir, state, cfg))
+        raise RunError(diverged_message(loop, f"the loss became {bad[1]}", loop.state.epoch + 1, bad[0]))
 
 
 @torch.no_grad()
@@ -397,74 +348,15 @@ def validate(model, ds, cfg: Config, pad_id: int, device, amp_dtype, threads: CP
 # ----------------------------------------------------------------------------- checkpoints, resume, logging
 
 
-def save_epoch(run_dir: Path, model, kept, averaged: AveragedModel | None, cfg: Config, data: Data,
-               state: TrainState, improved: bool, optimizer, scheduler, scaler, rng) -> None:
-    """model.pt (``kept``'s weights, when ``improved``), last.pt (``model``'s, and the weight average's) and
-    training_log.csv after an epoch (rank 0). Without the space for all three nothing is written: a full disk
-    leaves the previous epoch's files, from which the run resumes."""
-    best = model_checkpoint(kept, cfg, data, state.epoch, state.best_metric)
-    raw = best if kept is model else model_checkpoint(model, cfg, data, state.epoch, state.best_metric)
-    last = dict(raw, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng, history=state.history,
-                best_epoch=state.best_epoch, bad_epochs=state.bad_epochs)
-    if averaged is not None:
-        last["averaged"] = {k: v.detach().cpu() for k, v in averaged.state_dict().items()}
-    names = [MODEL_FILE, LAST_FILE, LOG_FILE] if improved else [LAST_FILE, LOG_FILE]
-    check_free_space([run_dir / n for n in names], checkpoint_size(last) + (checkpoint_size(best) if improved else 0))
-    if improved:
-        save_checkpoint(best, run_dir / MODEL_FILE)
-    save_checkpoint(last, run_dir / LAST_FILE)
-    write_history(state.history, run_dir)
-
-
-def resume_state(run_dir: Path, model, optimizer, scheduler, scaler, device, dist: Dist,
-                 averaged: AveragedModel | None = None) -> TrainState:
-    """Load last.pt into the model, weight average, optimizer, scheduler, scaler and RNGs; the loop's state as it
-    was saved."""
-    saved = load_checkpoint(run_dir / LAST_FILE, map_location=device)
-    model.load_state_dict(saved["model"])
-    if averaged is not None and saved.get("averaged"):  # absent in last.pt files of runs without swa_start
-        averaged.load_state_dict(saved["averaged"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if saved.get("scaler"):  # fp16 loss scale (absent in older last.pt files)
-        scaler.load_state_dict(saved["scaler"])
-    rng = saved["rng"]  # a list (one per rank) when saved by N processes; resumable with any N
-    set_rng_state(rng[dist.rank % len(rng)] if isinstance(rng, list) else rng)
-    state = TrainState(history=saved["history"], best_metric=saved["best_metric"], best_epoch=saved["best_epoch"],
-                       bad_epochs=saved["bad_epochs"], epoch=saved["epoch"])
-    if dist.is_main:
-        remove_stale_temp_files(run_dir)  # left by a write that a kill interrupted
-        write_history(state.history, run_dir)  # a kill may have come between last.pt and the log
-    return state
-
-
-def gather_rng_states() -> Any:
-    """This process's RNG states, or every rank's (a list) under torch.distributed."""
-    state = get_rng_state()
-    dist = dist_info()
-    if not dist.enabled:
-        return state
-    out: list[Any] = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, state)
-    return out
-
-
-def write_train_info(run_dir: Path, device, amp_dtype, threads: CPUThreads, dist: Dist) -> None:
-    """How this training ran, for metrics.json (peak memory of the training process)."""
-    write_json(run_dir / TRAIN_INFO_FILE, {
-        "peak_rss_mb": peak_rss_mb(), "device": str(device), "precision": str(amp_dtype or "fp32"),
-        "num_threads": threads.count, "num_processes": dist.world_size})
-
-
 def epoch_line(row: dict[str, float], improved: bool) -> str:
     return (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} train_acc {row['train_accuracy']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} ({row['seconds']:.1f}s)"
             + (" *" if improved else ""))
 
 
-def diverged_message(what: str, epoch: int, step, run_dir: Path, state: TrainState, cfg: Config) -> str:
-    kept = (f"The best checkpoint so far is kept ({run_dir / MODEL_FILE}, epoch {state.best_epoch})."
+def diverged_message(loop: Loop, what: str, epoch: int, step) -> str:
+    state, cfg = loop.state, loop.cfg
+    kept = (f"The best checkpoint so far is kept ({loop.run_dir / MODEL_FILE}, epoch {state.best_epoch})."
             if state.best_epoch else "No checkpoint was saved (it diverged before the first epoch ended).")
     return (f"Training diverged: {what} at epoch {epoch}, step {step}. {kept} "
             f"Start a new run with a lower lr (now {cfg.lr}), grad_clip > 0 (now {cfg.grad_clip}), or precision fp32, "

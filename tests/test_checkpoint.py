@@ -105,7 +105,7 @@ def test_format_2_stores_the_data_and_model_groups_only(trained_run):
         assert ckpt["format_version"] == FORMAT_VERSION == 2
         assert ckpt["config"] == cfg.group("data", "model")
         assert list(ckpt["config"]) == fields_of("data", "model")
-    for key in ("lr", "seed", "epochs", "num_threads", "device", "run_dir", "resume", "freeze_embeddings"):
+    for key in ("lr", "seed", "epochs", "num_threads", "device", "run_dir", "resume", "adversarial_eps"):
         assert key not in ckpt["config"], key
     restored = checkpoint_config(ckpt)
     assert restored.group("data", "model") == cfg.group("data", "model")

@@ -235,8 +235,8 @@ def test_bad_cli_values_rejected(key, text):
 def test_named_pretrained_embeddings_are_not_taken_for_paths(tmp_path):
     from hybridlib.config import resolve_paths
 
-    out = resolve_paths({"pretrained_embeddings": "minilm", "data_dir": "data"}, tmp_path)
-    assert out["pretrained_embeddings"] == "minilm"
+    out = resolve_paths({"pretrained_embeddings": "ppmi", "data_dir": "data"}, tmp_path)
+    assert out["pretrained_embeddings"] == "ppmi"
     assert out["data_dir"] == str((tmp_path / "data").resolve())
     assert resolve_paths({"pretrained_embeddings": "vecs.npy"}, tmp_path)["pretrained_embeddings"] == str(tmp_path / "vecs.npy")
 
@@ -256,8 +256,7 @@ def test_every_field_has_one_group_and_help():
 def test_groups_hold_what_they_promise():
     assert {"dataset", "data_dir", "label_names", "tokenizer", "max_length", "truncation"} <= set(fields_of("data"))
     assert {"branches", "embed_dim", "lstm_pooling", "cnn_filters", "branch_aux_loss"} <= set(fields_of("model"))
-    assert {"lr", "epochs", "seed", "pretrained_embeddings", "freeze_embeddings", "adversarial_eps",
-            "label_smoothing"} <= set(fields_of("training"))
+    assert {"lr", "epochs", "seed", "pretrained_embeddings", "adversarial_eps", "swa_start"} <= set(fields_of("training"))
     assert set(fields_of("machine")) == {"device", "precision", "eval_batch_size", "num_workers", "num_threads",
                                          "num_processes"}
     assert set(fields_of("run")) == {"run_dir", "resume", "baseline"}
@@ -295,16 +294,20 @@ def test_a_retired_key_at_its_off_value_is_dropped(tmp_path, key, off):
     assert C.load_config(base={**Config().to_dict(), key: off}) == Config()
 
 
-@pytest.mark.parametrize("key,value", [("branch_norm", True), ("ema_decay", 0.9), ("unseen_embeddings", "zero"),
-                                       ("lstm_pooling", "both")])
-def test_a_retired_option_switched_on_names_the_version_to_use(tmp_path, key, value):
+@pytest.mark.parametrize("key,value,version", [
+    ("branch_norm", True, "hybridlib 0.1.0"), ("ema_decay", 0.9, "hybridlib 0.1.0"),
+    ("unseen_embeddings", "zero", "hybridlib 0.1.0"), ("lstm_pooling", "both", "hybridlib 0.1.0"),
+    ("label_smoothing", 0.1, "hybridlib 0.3.2"), ("lr_schedule", "cosine", "hybridlib 0.3.2"),
+    ("lr_schedule", "constant", "hybridlib 0.3.2"), ("freeze_embeddings", True, "hybridlib 0.3.2"),
+    ("pretrained_embeddings", "minilm", "hybridlib 0.3.2")])
+def test_a_retired_option_switched_on_names_the_version_to_use(tmp_path, key, value, version):
     path = write_yaml(tmp_path, yaml.safe_dump({key: value}), name="old.yaml")
     for call in (lambda: load_config(path), lambda: load_config(overrides={key: value}),
                  lambda: C.load_config(base={key: value})):
         with pytest.raises(ConfigError) as e:
             call()
         msg = str(e.value)
-        assert f"'{key}'" in msg and repr(value) in msg and "hybridlib 0.1.0" in msg, msg
+        assert f"'{key}'" in msg and repr(value) in msg and version in msg, msg
         assert "docs/accuracy.md" in msg
     assert "old.yaml" in str(pytest.raises(ConfigError, load_config, path).value)
 

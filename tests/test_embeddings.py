@@ -20,7 +20,7 @@ from hybridlib.embeddings import (
 )
 from hybridlib.errors import ConfigError
 from hybridlib.model import build_model
-from hybridlib.training import init_model, make_optimizer
+from hybridlib.training import init_model, make_optimization
 
 V = 60
 
@@ -132,22 +132,20 @@ def test_ppmi_needs_the_training_token_ids():
         initialise_embedding(torch.nn.Embedding(V, 8), "ppmi")
 
 
-@pytest.mark.parametrize("freeze", [False, True])
-def test_vectors_from_a_file_through_init_model_and_freeze(tmp_path, freeze):
-    """pretrained_embeddings: a .npy/.pt file of the vocabulary's vectors; freeze_embeddings keeps them fixed
-    (init_model sets it; build_model only builds the architecture)."""
+def test_vectors_from_a_file_through_init_model(tmp_path):
+    """pretrained_embeddings: a .npy/.pt file of the vocabulary's vectors (init_model reads it; build_model only
+    builds the architecture); every parameter trains."""
     mat = np.random.default_rng(1).standard_normal((V, 8)).astype(np.float32)
     np.save(tmp_path / "vecs.npy", mat)
     torch.save(torch.from_numpy(mat), tmp_path / "vecs.pt")
     for path in (tmp_path / "vecs.npy", tmp_path / "vecs.pt"):
-        cfg = small_cfg(pretrained_embeddings=str(path), freeze_embeddings=freeze)
+        cfg = small_cfg(pretrained_embeddings=str(path))
         model = init_model(cfg, fake_data(), torch.device("cpu"))
         assert torch.allclose(model.embedding.weight[1:], torch.from_numpy(mat[1:]))
         assert torch.equal(model.embedding.weight[0], torch.zeros(8))  # the pad row stays zero
-        assert model.embedding.weight.requires_grad is not freeze
-        assert build_model(cfg, V, 3).embedding.weight.requires_grad  # the architecture alone: nothing frozen
-        trainable = {id(p) for p in make_optimizer(model, cfg).param_groups[0]["params"] if p.requires_grad}
-        assert (id(model.embedding.weight) in trainable) is not freeze
+        assert not torch.equal(build_model(cfg, V, 3).embedding.weight[1:], model.embedding.weight[1:])
+        params = make_optimization(model, cfg, 10, None)[0].param_groups[0]["params"]
+        assert [id(p) for p in params] == [id(p) for p in model.parameters()] and all(p.requires_grad for p in params)
 
 
 def test_vectors_from_a_file_are_projected_to_embed_dim(tmp_path):
@@ -163,5 +161,5 @@ def test_vectors_from_a_file_are_projected_to_embed_dim(tmp_path):
         load_pretrained_embeddings(torch.nn.Embedding(V + 1, 4), str(tmp_path / "vecs.npy"))
     with pytest.raises(ConfigError, match="larger than the pretrained vectors"):
         load_pretrained_embeddings(torch.nn.Embedding(V, 32), str(tmp_path / "vecs.npy"))
-    with pytest.raises(ConfigError, match="neither 'minilm', 'ppmi' nor an existing file"):
+    with pytest.raises(ConfigError, match="neither 'ppmi' nor an existing file"):
         load_pretrained_embeddings(emb, str(tmp_path / "missing.npy"))

@@ -317,7 +317,5 @@ def test_bench_reports_precision_and_lstm_path(tiny_params, capsys, monkeypatch,
     assert out["precision"] == "fp32" and out["lstm_precision"] == "fp32"
     assert out["lstm_path"] == (path or "padded") and out["pad_multiple"] == 1
     assert out["training"]["naive_lstm_path"] == "padded"
-    assert out["training"]["lstm_paths_max_abs_diff"] < 1e-5
-    assert out["training"]["padding_invariance_max_abs_diff"] < 1e-4
     assert out["training"]["hybridlib"]["steps"] == 2 and out["training"]["naive"]["steps"] == 2
     assert out["overrides_env"] == ({LSTM_PATH_ENV: path} if path else {})

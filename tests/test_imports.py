@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hybridlib"
 # modules to its left.
 LAYERS = [
     "errors", "config", "threads", "runtime", "hub", "tokens", "rawdata", "batching", "data", "embeddings",
-    "model", "distributed", "artifacts", "training",
+    "model", "distributed", "artifacts", "trainstate", "training",
     "baselines", "evaluation", "explain", "prediction", "plots", "compare", "exploration", "widgets", "bench",
     "notebook", "pipeline", "cli",
 ]

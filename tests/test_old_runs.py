@@ -3,7 +3,8 @@ checkpoint format 1) wrote them load, predict, evaluate and resume; a retired op
 is refused with a message naming the version to use.
 
 Format 1 differs from format 2 in ``config``: every field of the old Config, including the options removed
-since (``branch_norm``, ``ema_decay``, ``unseen_embeddings``; ``lstm_pooling`` could be ``both``). The files
+since (``branch_norm``, ``ema_decay``, ``unseen_embeddings``, ``freeze_embeddings``, ``lr_schedule``,
+``label_smoothing``; ``lstm_pooling`` could be ``both``, ``pretrained_embeddings`` ``minilm``). The files
 are made the simplest faithful way: the session's tiny run (trained by the current code) rewritten into
 the old format (old config dict, ``format_version`` 1, the old key order, params.yaml with every old key).
 """
@@ -39,8 +40,13 @@ OLD_FIELDS = [
     "label_smoothing", "adversarial_eps", "ema_decay", "patience", "seed", "device", "precision", "bucket_by_length",
     "num_workers", "num_threads", "num_processes", "run_dir", "resume", "baseline",
 ]
-OLD_OFF = {"branch_norm": False, "ema_decay": 0.0, "unseen_embeddings": "random"}  # their defaults then
-SWITCHED_ON = [("ema_decay", 0.9), ("lstm_pooling", "both"), ("branch_norm", True), ("unseen_embeddings", "zero")]
+OLD_OFF = {"branch_norm": False, "ema_decay": 0.0, "unseen_embeddings": "random",  # their defaults then
+           "freeze_embeddings": False, "lr_schedule": "linear", "label_smoothing": 0.0}
+# (key, value, the version the refusal names)
+SWITCHED_ON = [("ema_decay", 0.9, "0.1.0"), ("lstm_pooling", "both", "0.1.0"), ("branch_norm", True, "0.1.0"),
+               ("unseen_embeddings", "zero", "0.1.0"), ("freeze_embeddings", True, "0.3.2"),
+               ("lr_schedule", "cosine", "0.3.2"), ("label_smoothing", 0.1, "0.3.2"),
+               ("pretrained_embeddings", "minilm", "0.3.2")]
 TEXTS = ["The coach said the team scored a late goal to win the championship match.",
          "Shares of the company fell as investors sold stock after weak quarterly earnings.",
          "Scientists in the laboratory study cells and the genome.", ""]
@@ -166,52 +172,36 @@ def test_an_old_last_pt_resumes_exactly_like_a_new_one(runs):
         assert torch.equal(last_a["model"][k], last_b["model"][k]), k
 
 
-def test_an_old_run_with_frozen_embeddings_resumes(runs):
-    """freeze_embeddings: true (params/*_minilm.yaml): the previous main's optimizer held every parameter, the
-    frozen embedding too (without state: it never has a gradient)."""
-    run = copy_run(runs["new"], runs["root"] / "frozen-old", freeze_embeddings=True)
-    last = load_checkpoint(run / LAST_FILE)
-    embedding = last["model"]["embedding.weight"].clone()
-    last["optimizer"]["state"].pop(0)  # parameter 0 is the embedding: frozen, it never got AdamW state
-    torch.save(last, run / LAST_FILE)
-    data = prepare_data(load_config(run / PARAMS_FILE))
-    result = resume(run, data, epochs=len(last["history"]) + 1)
-    assert len(result.history) == len(last["history"]) + 1
-    after = load_checkpoint(run / LAST_FILE)
-    assert torch.equal(after["model"]["embedding.weight"], embedding)  # still frozen
-    assert not torch.equal(after["model"]["head.1.weight"], last["model"]["head.1.weight"])  # the rest trained
-
-
 # ----------------------------------------------------------------------------- retired options switched on
 
 
 @pytest.fixture(scope="module")
 def switched_on(runs):
     """{(key, value): a copy of the tiny run in format 1 as if trained with that retired option on}."""
-    return {(k, v): copy_run(runs["new"], runs["root"] / f"on-{k}", **{k: v}) for k, v in SWITCHED_ON}
+    return {(k, v): copy_run(runs["new"], runs["root"] / f"on-{k}", **{k: v}) for k, v, _ in SWITCHED_ON}
 
 
-def assert_refused(call, key) -> None:
+def assert_refused(call, key, version) -> None:
     with pytest.raises(ConfigError) as e:
         call()
-    assert f"'{key}'" in str(e.value) and "hybridlib 0.1.0" in str(e.value), str(e.value)
+    assert f"'{key}'" in str(e.value) and f"hybridlib {version}" in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("key,value", SWITCHED_ON, ids=[k for k, _ in SWITCHED_ON])
-def test_a_retired_option_switched_on_is_refused_everywhere(switched_on, key, value, capsys):
+@pytest.mark.parametrize("key,value,version", SWITCHED_ON, ids=[k for k, _, _ in SWITCHED_ON])
+def test_a_retired_option_switched_on_is_refused_everywhere(switched_on, key, value, version, capsys):
     run = switched_on[(key, value)]
     assert yaml.safe_load((run / PARAMS_FILE).read_text())[key] == value
-    assert_refused(lambda: load_config(run / PARAMS_FILE), key)  # what 02-05 and `hybridlib run --resume` read
-    assert_refused(lambda: load_config(overrides={key: value}), key)  # a params file or -p
-    assert_refused(lambda: checkpoint_config(load_checkpoint(run / MODEL_FILE)), key)
-    assert_refused(lambda: Predictor.from_run(run), key)
-    assert_refused(lambda: Predictor.from_checkpoint(run / LAST_FILE), key)
-    assert_refused(lambda: evaluate_checkpoint(run / MODEL_FILE, progress=False), key)
+    assert_refused(lambda: load_config(run / PARAMS_FILE), key, version)  # what 02-05 and `hybridlib run --resume` read
+    assert_refused(lambda: load_config(overrides={key: value}), key, version)  # a params file or -p
+    assert_refused(lambda: checkpoint_config(load_checkpoint(run / MODEL_FILE)), key, version)
+    assert_refused(lambda: Predictor.from_run(run), key, version)
+    assert_refused(lambda: Predictor.from_checkpoint(run / LAST_FILE), key, version)
+    assert_refused(lambda: evaluate_checkpoint(run / MODEL_FILE, progress=False), key, version)
     # resuming reads the run's params.yaml: refused before anything is written
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
-    assert_refused(lambda: train(load_config(run / PARAMS_FILE, {"resume": True}), run, progress=False), key)
+    assert_refused(lambda: train(load_config(run / PARAMS_FILE, {"resume": True}), run, progress=False), key, version)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(run / MODEL_FILE)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "hybridlib 0.1.0" in err and "Traceback" not in err
+    assert err.startswith("error: ") and f"hybridlib {version}" in err and "Traceback" not in err

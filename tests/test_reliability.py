@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hybridlib import training
+from hybridlib import training, trainstate
 from hybridlib.artifacts import create_run_dir, load_checkpoint
 from hybridlib.batching import make_loader
 from hybridlib.cli import main
@@ -645,8 +645,8 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_best(reference,
     loss_becomes(monkeypatch, value, at=steps + 3)  # epoch 2, step 3
     run_dir = tmp_path / "diverged"
     hashes = {}
-    real_save = training.save_checkpoint
-    monkeypatch.setattr(training, "save_checkpoint", lambda c, p: (real_save(c, p), hashes.__setitem__(Path(p).name, sha256(p))))
+    real_save = trainstate.save_checkpoint
+    monkeypatch.setattr(trainstate, "save_checkpoint", lambda c, p: (real_save(c, p), hashes.__setitem__(Path(p).name, sha256(p))))
     with pytest.raises(RunError) as e:
         training.train(cfg, run_dir, data, progress=False)
     msg = str(e.value)

@@ -1,12 +1,15 @@
-"""hybridlib.threads: the automatic CPU thread policy (decided on a fake clock, no timing checks) and busy_neighbour."""
+"""hybridlib.threads: the automatic CPU thread policy (decided on a fake clock, no timing checks); and the busy
+neighbour that benchmarks/busy_neighbour.py measures it beside."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,7 +17,7 @@ import torch
 
 from hybridlib import threads as th
 from hybridlib.errors import ConfigError
-from hybridlib.threads import CPUThreads, busy_neighbour, choose_threads, cpu_busy_seconds
+from hybridlib.threads import CPUThreads, choose_threads, cpu_busy_seconds
 
 
 @pytest.fixture(autouse=True)
@@ -340,6 +343,12 @@ def test_real_clock_smoke():
 
 # ----------------------------------------------------------------------------- busy_neighbour
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+_spec = importlib.util.spec_from_file_location("busy_neighbour_benchmark", BENCHMARKS / "busy_neighbour.py")
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+busy_neighbour = _module.busy_neighbour
+
 
 def _gone(pid: int) -> bool:
     try:
@@ -373,7 +382,7 @@ def test_busy_neighbour_pinned_to_one_cpu():
 
 
 def test_busy_neighbour_ends_by_itself_when_its_parent_is_killed():
-    code = ("import os, signal; from hybridlib.threads import busy_neighbour\n"
+    code = (f"import os, signal, sys; sys.path.insert(0, {str(BENCHMARKS)!r}); from busy_neighbour import busy_neighbour\n"
             "with busy_neighbour() as p:\n    print(p.pid, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())

@@ -38,10 +38,10 @@ def recorded(tmp_path_factory, swa_cfg, swa_data):
     raw, kept = [], []
     real = training.save_epoch
 
-    def record(run_dir, model, kept_model, *args, **kwargs):
-        raw.append(weights(model))
+    def record(loop, kept_model, *args, **kwargs):
+        raw.append(weights(loop.model))
         kept.append(weights(kept_model))
-        real(run_dir, model, kept_model, *args, **kwargs)
+        real(loop, kept_model, *args, **kwargs)
 
     training.save_epoch = record
     try:
