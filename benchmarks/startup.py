@@ -29,18 +29,19 @@ COMMANDS = [  # (arguments, expected exit code)
 ]
 
 
-def wall(args: list[str], pythonpath: Path) -> tuple[float, int]:
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+def wall(args: list[str], tree: Path) -> tuple[float, int]:
+    """(seconds, exit code) of `python -m hybridlib ARGS` run in ``tree`` (its hybridlib/ is the one imported)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
-    code = subprocess.run([sys.executable, "-m", "hybridlib", *args], cwd=ROOT, env=env,
+    code = subprocess.run([sys.executable, "-m", "hybridlib", *args], cwd=tree, env=env,
                           capture_output=True).returncode
     seconds = time.perf_counter() - t0
     return seconds, code
 
 
-def import_times(pythonpath: Path, top: int = 8) -> list[tuple[float, str]]:
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    err = subprocess.run([sys.executable, "-X", "importtime", "-c", "import hybridlib.cli"], cwd=ROOT, env=env,
+def import_times(tree: Path, top: int = 8) -> list[tuple[float, str]]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    err = subprocess.run([sys.executable, "-X", "importtime", "-c", "import hybridlib.cli"], cwd=tree, env=env,
                          capture_output=True, text=True).stderr
     rows = []
     for line in err.splitlines()[1:]:  # "import time: self [us] | cumulative | imported package"
