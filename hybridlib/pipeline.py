@@ -22,6 +22,7 @@ import papermill as pm
 import torch
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
+from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 from papermill.iorw import LocalHandler, papermill_io
 
@@ -104,6 +105,10 @@ def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Pa
                 if ctrl_c.pressed or e.ename == "KeyboardInterrupt":
                     raise Interrupted(interrupted_message(run_dir, name)) from None
                 raise notebook_error(e, name, run_dir) from None
+            except DeadKernelError:
+                if ctrl_c.pressed:
+                    raise Interrupted(interrupted_message(run_dir, name)) from None
+                raise RunError(dead_kernel_message(run_dir, name, _KernelManager.latest)) from None
             except (Exception, KeyboardInterrupt) as e:
                 if ctrl_c.pressed or isinstance(e, KeyboardInterrupt):
                     raise Interrupted(interrupted_message(run_dir, name)) from None
@@ -143,14 +148,31 @@ def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunE
     )
 
 
-def interrupted_message(run_dir: Path, name: str) -> str:
-    """One line: where an interrupted run stands (its last finished epoch) and the command that continues it."""
+def where_it_stands(run_dir: Path) -> str:
+    """Where a stopped run stands (its last finished epoch) and the command that continues it."""
     history = read_history(run_dir) if (run_dir / LAST_FILE).is_file() else []
     if history:
         stands = f"has finished epoch {int(history[-1]['epoch'])} (saved in {LAST_FILE}); resume with"
     else:
         stands = "has no finished epoch yet; start its training again with"
-    return f"Interrupted in {name}: {run_dir} {stands}: hybridlib run --resume {run_dir}"
+    return f"{run_dir} {stands}: hybridlib run --resume {run_dir}"
+
+
+def interrupted_message(run_dir: Path, name: str) -> str:
+    return f"Interrupted in {name}: {where_it_stands(run_dir)}"
+
+
+def dead_kernel_message(run_dir: Path, name: str, km: _KernelManager | None) -> str:
+    """What a user needs when a notebook's kernel died: the likely cause, what uses memory, how to continue."""
+    code = km.popen.poll() if km is not None and km.popen is not None else None
+    cause = {-signal.SIGKILL: "it was killed (SIGKILL): on Linux almost always by the out-of-memory killer "
+                              "(`dmesg` or `journalctl -k` says 'Out of memory: Killed process')",
+             -signal.SIGSEGV: "it crashed (segmentation fault) in a native library"}.get(
+        code, f"it exited with code {code}" if code is not None else "the system most likely ran out of memory")
+    return (f"The kernel running {name} died: {cause}. Memory grows with batch_size and max_length (training), "
+            f"eval_batch_size (validation, test, prediction) and the number of training texts (PPMI vectors, the "
+            f"baseline): lower eval_batch_size in {run_dir / PARAMS_FILE} (it does not change results), or start a "
+            f"new run with a smaller batch_size, max_length or max_train_samples. {where_it_stands(run_dir)}")
 
 
 _KERNEL_IDS = itertools.count()
@@ -162,6 +184,8 @@ class _KernelManager(AsyncKernelManager):
 
     latest: ClassVar[AsyncKernelManager | None] = None
 
+    popen: Any = None  # the kernel's process, kept after it ends for its exit code
+
     def __init__(self, **kwargs: Any) -> None:
         runtime = Path(jupyter_runtime_dir())
         runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -170,6 +194,10 @@ class _KernelManager(AsyncKernelManager):
         kwargs.setdefault("ip", str(runtime / f"hybridlib-{os.getpid()}-{next(_KERNEL_IDS)}"))
         super().__init__(**kwargs)
         _KernelManager.latest = self
+
+    async def start_kernel(self, **kwargs: Any) -> None:
+        await super().start_kernel(**kwargs)
+        self.popen = getattr(self.provisioner, "process", None)
 
     async def _async_interrupt_kernel(self) -> None:
         """jupyter_client interrupts every kernel it shuts down; ours are idle then (Ctrl-C interrupts them through
