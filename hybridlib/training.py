@@ -21,31 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from hybridlib.artifacts import (
+from hybridlib.batching import make_loader
+from hybridlib.checkpoints import checkpoint_size, load_checkpoint, model_checkpoint, save_checkpoint
+from hybridlib.config import Config
+from hybridlib.data import Data, prepare_data
+from hybridlib.distributed import check_world, launch, process_group
+from hybridlib.embeddings import initialise_embedding
+from hybridlib.errors import RunError
+from hybridlib.files import (
     LAST_FILE,
     LOG_FILE,
     MODEL_FILE,
     TOKENIZER_DIR,
     TRAIN_INFO_FILE,
     check_free_space,
-    check_run_dir,
-    checkpoint_size,
     disk_full_errors,
-    load_checkpoint,
-    model_checkpoint,
     remove_stale_temp_files,
-    run_lock,
-    save_checkpoint,
-    write_history,
     write_json,
 )
-from hybridlib.batching import make_loader
-from hybridlib.config import Config
-from hybridlib.data import Data, prepare_data
-from hybridlib.distributed import check_world, launch, process_group
-from hybridlib.embeddings import initialise_embedding
-from hybridlib.errors import RunError
 from hybridlib.model import HybridClassifier, build_model, count_parameters
+from hybridlib.runlock import run_lock
+from hybridlib.runs import check_run_dir, write_history
 from hybridlib.runtime import (
     Dist,
     all_reduce_sum,
