@@ -33,9 +33,11 @@ from hybridlib.files import (
     LAST_FILE,
     MODEL_FILE,
     PARAMS_FILE,
+    disk_full_advice,
     disk_full_errors,
     format_bytes,
     free_bytes,
+    reports_disk_full,
     write_text,
 )
 from hybridlib.runlock import run_lock
@@ -128,11 +130,10 @@ def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunE
     kind = e.ename
     if kind in {c.__name__ for c in _user_errors()}:
         return RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name})")
-    if kind == "OSError" and "No space left" in e.evalue:
+    if reports_disk_full(kind, e.evalue):
         return RunError(
             f"{name} stopped: the disk holding {run_dir} is full ({e.evalue}); {format_bytes(free_bytes(run_dir))} "
-            f"is free now. The files already there are intact. Free some space, then continue the run with: "
-            f"hybridlib run --resume {run_dir}")
+            f"is free now. {disk_full_advice(run_dir)}")
     return RunError(
         f"{name} failed with {kind}: {e.evalue}. The executed notebook with the full traceback is "
         f"{run_dir / name}; fix the cause and continue with `hybridlib run --resume {run_dir}`."

@@ -416,12 +416,17 @@ def test_pipeline_notebook_write_on_a_full_disk(tmp_path, tiny_params, monkeypat
     assert not [p for p in psutil.Process().children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
 
 
-def test_a_full_disk_inside_a_notebook_is_named(tmp_path):
-    """A write of a notebook's own (not through hybridlib) that hits ENOSPC: the same advice, no traceback."""
-    e = PapermillExecutionError(3, 1, "plt.savefig(...)", "OSError", "[Errno 28] No space left on device", [])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_inside_a_notebook_is_named(tmp_path, code):
+    """A write of a notebook's own (not through hybridlib) that hits ENOSPC or the quota: the same advice, no
+    traceback; another OSError is reported as the failure it is."""
+    evalue = f"[Errno {code}] {os.strerror(code)}"
+    e = PapermillExecutionError(3, 1, "plt.savefig(...)", "OSError", evalue, [])
     msg = str(pipeline.notebook_error(e, "04_visualization.ipynb", tmp_path))
-    assert msg.startswith(f"04_visualization.ipynb stopped: the disk holding {tmp_path} is full ([Errno 28]")
+    assert msg.startswith(f"04_visualization.ipynb stopped: the disk holding {tmp_path} is full ([Errno {code}]")
     assert "is free now" in msg and f"hybridlib run --resume {tmp_path}" in msg
+    other = PapermillExecutionError(3, 1, "open(...)", "OSError", "[Errno 13] Permission denied", [])
+    assert "failed with OSError" in str(pipeline.notebook_error(other, "04_visualization.ipynb", tmp_path))
 
 
 # ----------------------------------------------------------------------------- 4: labels as pandas writes them
