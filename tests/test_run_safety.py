@@ -388,6 +388,19 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path, code):
     assert target.read_text() == "the previous version" and not temp_files(tmp_path)
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path, mask):
+    """mkstemp makes 0600: the written file gets what open() would give under the umask in force now."""
+    before = os.umask(mask)
+    try:
+        assert files.current_umask() == mask and os.umask(mask) == mask  # read without changing it
+        files.write_text(tmp_path / "notes.txt", "text")
+        (tmp_path / "plain.txt").write_text("text")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "notes.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
 def test_evaluation_on_a_full_disk_keeps_the_previous_metrics(tmp_path, reference, data, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
