@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from hybridlib.artifacts import MODEL_FILE, TOKENIZER_DIR, list_runs, model_checkpoint, save_checkpoint
+from hybridlib.checkpoints import model_checkpoint, save_checkpoint
 from hybridlib.config import load_config, parse_cli_value
+from hybridlib.files import MODEL_FILE, TOKENIZER_DIR
 from hybridlib.model import build_model
 from hybridlib.prediction import Predictor
+from hybridlib.runs import list_runs
 from hybridlib.tokens import load_tokenizer, tokenizer_fingerprint
 from hybridlib.widgets import make_predict_widget
 

@@ -20,8 +20,8 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 from sklearn.pipeline import Pipeline
 from sklearn.utils.parallel import Parallel, delayed
 
-from hybridlib.artifacts import atomic_write
 from hybridlib.errors import CheckpointError
+from hybridlib.files import atomic_write
 
 C_GRID = (1.0, 4.0, 16.0)
 ENSEMBLE_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))

@@ -26,12 +26,13 @@ import datasets
 import numpy as np
 import torch
 
-from hybridlib.artifacts import MODEL_FILE, model_checkpoint, save_checkpoint
 from hybridlib.batching import make_loader
+from hybridlib.checkpoints import model_checkpoint, save_checkpoint
 from hybridlib.config import Config, load_config
 from hybridlib.data import prepare_data, tokenize
 from hybridlib.errors import DataError
 from hybridlib.evaluation import evaluate_split
+from hybridlib.files import MODEL_FILE
 from hybridlib.prediction import Predictor
 from hybridlib.rawdata import encode_labels, load_raw
 from hybridlib.runtime import (

@@ -54,7 +54,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         from hybridlib import pipeline
 
         run_dir = pipeline.run(cfg, a.run_name, a.outputs, a.notebooks)
-    from hybridlib.artifacts import METRICS_FILE, read_json
+    from hybridlib.files import METRICS_FILE, read_json
 
     metrics = Path(run_dir) / METRICS_FILE
     print(f"Run finished: {run_dir}")

@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from hybridlib.artifacts import read_history, read_metrics
 from hybridlib.config import RETIRED, Config, experiment_fields
+from hybridlib.runs import read_history, read_metrics
 
 
 def load_run(run_dir: str | Path) -> dict:

@@ -21,30 +21,32 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from hybridlib.artifacts import (
+from hybridlib.baselines import ensemble, save_tfidf_logreg, tfidf_logreg
+from hybridlib.batching import make_loader
+from hybridlib.checkpoints import (
+    check_compatible,
+    checkpoint_config,
+    load_checkpoint,
+    load_model,
+    model_from_checkpoint,
+)
+from hybridlib.config import Config, load_config, validate
+from hybridlib.data import Data, prepare_data
+from hybridlib.errors import ConfigError
+from hybridlib.files import (
     METRICS_FILE,
     MODEL_FILE,
     REPORT_FILE,
     TFIDF_FILE,
     TOKENIZER_DIR,
     TRAIN_INFO_FILE,
-    check_compatible,
-    checkpoint_config,
-    load_checkpoint,
-    load_model,
-    model_from_checkpoint,
-    read_history,
     read_json,
-    run_lock,
     write_json,
     write_text,
 )
-from hybridlib.baselines import ensemble, save_tfidf_logreg, tfidf_logreg
-from hybridlib.batching import make_loader
-from hybridlib.config import Config, load_config, validate
-from hybridlib.data import Data, prepare_data
-from hybridlib.errors import ConfigError
 from hybridlib.model import count_parameters
+from hybridlib.runlock import run_lock
+from hybridlib.runs import read_history
 from hybridlib.runtime import autocast, progress_bar, resolve_device, resolve_precision
 from hybridlib.threads import CPUThreads
 from hybridlib.tokens import load_tokenizer

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hybridlib.artifacts import LENGTHS_FILE
 from hybridlib.data import Data
+from hybridlib.files import LENGTHS_FILE
 from hybridlib.plots import plot_length_distribution
 
 

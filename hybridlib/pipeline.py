@@ -1,7 +1,7 @@
 """Runs end to end: validate params and create the run folder, then execute the numbered notebooks with
 papermill into it (``run``, ``resume``); or train it under torchrun (``train_distributed``).
 
-The pipeline holds the run's lock (:func:`hybridlib.artifacts.run_lock`) while it runs; the notebook kernels it
+The pipeline holds the run's lock (:func:`hybridlib.runlock.run_lock`) while it runs; the notebook kernels it
 starts write under it. Ctrl-C interrupts the running kernel, shuts it down and raises :class:`Interrupted`, whose
 message says where the run stands and how to resume it. Executed notebooks are written atomically.
 """
@@ -26,25 +26,23 @@ from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 from papermill.iorw import LocalHandler, papermill_io
 
-from hybridlib.artifacts import (
-    LAST_FILE,
-    MODEL_FILE,
-    PARAMS_FILE,
-    check_run_dir,
-    create_run_dir,
-    default_run_name,
-    disk_full_errors,
-    format_bytes,
-    free_bytes,
-    outputs_root,
-    read_history,
-    run_lock,
-    write_text,
-)
 from hybridlib.config import Config, project_root, save_config
 from hybridlib.data import Data, preflight, prepare_data
 from hybridlib.distributed import check_world, process_group
 from hybridlib.errors import HybridlibError, RunError
+from hybridlib.files import (
+    LAST_FILE,
+    MODEL_FILE,
+    PARAMS_FILE,
+    disk_full_advice,
+    disk_full_errors,
+    format_bytes,
+    free_bytes,
+    reports_disk_full,
+    write_text,
+)
+from hybridlib.runlock import run_lock
+from hybridlib.runs import check_run_dir, create_run_dir, default_run_name, outputs_root, read_history
 from hybridlib.runtime import PROGRESS_ENV, dist_info
 from hybridlib.training import TrainResult, fit, train
 
@@ -137,11 +135,10 @@ def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunE
     kind = e.ename
     if kind in {c.__name__ for c in _user_errors()}:
         return RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name})")
-    if kind == "OSError" and "No space left" in e.evalue:
+    if reports_disk_full(kind, e.evalue):
         return RunError(
             f"{name} stopped: the disk holding {run_dir} is full ({e.evalue}); {format_bytes(free_bytes(run_dir))} "
-            f"is free now. The files already there are intact. Free some space, then continue the run with: "
-            f"hybridlib run --resume {run_dir}")
+            f"is free now. {disk_full_advice(run_dir)}")
     return RunError(
         f"{name} failed with {kind}: {e.evalue}. The executed notebook with the full traceback is "
         f"{run_dir / name}; fix the cause and continue with `hybridlib run --resume {run_dir}`."
@@ -245,7 +242,7 @@ class _CtrlC:
 
 class _NotebookWriter(LocalHandler):
     """papermill's local file handler, writing the executed notebooks atomically: a full disk raises the RunError
-    of :func:`hybridlib.artifacts.atomic_write` and leaves the previous copy intact."""
+    of :func:`hybridlib.files.atomic_write` and leaves the previous copy intact."""
 
     def write(self, buf: str, path: str) -> None:
         write_text(path, buf)

@@ -8,8 +8,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-from hybridlib.artifacts import CONFUSION_FILE, CURVES_FILE, LOG_FILE, METRICS_FILE, read_history, read_json
 from hybridlib.errors import RunError
+from hybridlib.files import CONFUSION_FILE, CURVES_FILE, LOG_FILE, METRICS_FILE, read_json
+from hybridlib.runs import read_history
 
 
 def plot_curves(history: list[dict[str, float]], path: str | Path | None = None, title: str = ""):

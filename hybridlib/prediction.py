@@ -26,21 +26,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hybridlib.artifacts import (
-    METRICS_FILE,
-    MODEL_FILE,
-    TFIDF_FILE,
-    TOKENIZER_DIR,
-    check_compatible,
-    checkpoint_config,
-    load_checkpoint,
-    model_from_checkpoint,
-    read_json,
-)
 from hybridlib.baselines import load_tfidf_logreg, mix_probs, tfidf_proba
 from hybridlib.batching import padded_length
+from hybridlib.checkpoints import check_compatible, checkpoint_config, load_checkpoint, model_from_checkpoint
 from hybridlib.errors import CheckpointError, DataError
 from hybridlib.explain import explain
+from hybridlib.files import METRICS_FILE, MODEL_FILE, TFIDF_FILE, TOKENIZER_DIR, read_json
 from hybridlib.model import HybridClassifier
 from hybridlib.runtime import CUDA_PAD_MULTIPLE, resolve_device
 from hybridlib.threads import CPUThreads

@@ -20,6 +20,7 @@ neighbour). Set ``HYBRIDLIB_THREADS_LOG`` to a file to have every automatic deci
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -134,7 +135,10 @@ def thread_limit(cpus: list[int]) -> int:
 # ----------------------------------------------------------------------------- measuring the others
 
 
-_TICK = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") and "SC_CLK_TCK" in os.sysconf_names else 100.0
+@functools.cache
+def clock_tick() -> float:
+    """Ticks per second of /proc/stat's counters."""
+    return float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") and "SC_CLK_TCK" in os.sysconf_names else 100.0
 
 
 def cpu_busy_seconds(cpus: list[int], stat: str | None = None) -> float | None:
@@ -155,7 +159,7 @@ def cpu_busy_seconds(cpus: list[int], stat: str | None = None) -> float | None:
         # user nice system idle iowait irq softirq steal (guest time is inside user already)
         ticks += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
         found += 1
-    return ticks / _TICK if found else None
+    return ticks / clock_tick() if found else None
 
 
 def own_wait_seconds() -> float | None:
@@ -221,13 +225,6 @@ def _latest(cpus: list[int]) -> tuple[Sample, int | None]:
     if key not in _LATEST:
         _LATEST[key] = (Sample(cpus), None)
     return _LATEST[key]
-
-
-try:  # at import: by the first update() the measurement spans a while
-    if cpu_busy_seconds(allowed_cpus()) is not None:
-        _latest(allowed_cpus())
-except Exception:  # never fail an import over a measurement
-    pass
 
 
 class CPUThreads:

@@ -20,20 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from hybridlib.artifacts import (
-    MODEL_FILE,
-    TOKENIZER_DIR,
-    check_run_dir,
-    disk_full_errors,
-    run_lock,
-)
 from hybridlib.batching import make_loader
 from hybridlib.config import Config
 from hybridlib.data import Data, prepare_data
 from hybridlib.distributed import check_world, launch, process_group
 from hybridlib.embeddings import initialise_embedding
 from hybridlib.errors import RunError
+from hybridlib.files import MODEL_FILE, TOKENIZER_DIR, disk_full_errors
 from hybridlib.model import HybridClassifier, build_model, count_parameters
+from hybridlib.runlock import run_lock
+from hybridlib.runs import check_run_dir
 from hybridlib.runtime import (
     Dist,
     all_reduce_sum,

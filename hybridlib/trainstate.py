@@ -15,23 +15,20 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from hybridlib.artifacts import (
+from hybridlib.checkpoints import checkpoint_size, load_checkpoint, model_checkpoint, save_checkpoint
+from hybridlib.config import Config
+from hybridlib.data import Data
+from hybridlib.files import (
     LAST_FILE,
     LOG_FILE,
     MODEL_FILE,
     TRAIN_INFO_FILE,
     check_free_space,
-    checkpoint_size,
-    load_checkpoint,
-    model_checkpoint,
     remove_stale_temp_files,
-    save_checkpoint,
-    write_history,
     write_json,
 )
-from hybridlib.config import Config
-from hybridlib.data import Data
 from hybridlib.model import HybridClassifier
+from hybridlib.runs import write_history
 from hybridlib.runtime import Dist, dist_info, get_rng_state, peak_rss_mb, set_rng_state
 from hybridlib.threads import CPUThreads
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import ipywidgets as w
 
-from hybridlib.artifacts import list_runs, outputs_root
 from hybridlib.errors import HybridlibError
 from hybridlib.prediction import Predictor
+from hybridlib.runs import list_runs, outputs_root
 
 # Example texts per dataset (matched against the run's dataset name), and for anything else.
 EXAMPLES: dict[str, list[str]] = {

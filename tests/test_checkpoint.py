@@ -1,4 +1,4 @@
-"""hybridlib.artifacts (checkpoints) + what training writes: round trip, format 2, compatibility, bad files.
+"""hybridlib.checkpoints + what training writes: round trip, format 2, compatibility, bad files.
 
 Malicious pickles, refusing to overwrite a run and checkpoints written on a GPU are in test_reliability.py;
 checkpoints of the previous format (1) in test_old_runs.py.
@@ -11,9 +11,8 @@ import csv
 import pytest
 import torch
 
-from hybridlib.artifacts import (
+from hybridlib.checkpoints import (
     FORMAT_VERSION,
-    LOG_COLUMNS,
     check_compatible,
     checkpoint_config,
     load_checkpoint,
@@ -25,6 +24,7 @@ from hybridlib.artifacts import (
 from hybridlib.config import Config, fields_of, load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, RunError
+from hybridlib.runs import LOG_COLUMNS
 from hybridlib.tokens import load_tokenizer
 from hybridlib.training import train, validate
 

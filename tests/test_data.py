@@ -122,9 +122,10 @@ def test_string_labels_are_ordered_naturally(tmp_path, cfg_for, tiny_tokenizer, 
 def test_metrics_follow_the_natural_label_order(tmp_path, tiny_params, tiny_tokenizer):
     """The natural order is the order of the model's outputs, the checkpoint, metrics.json (per_class, the rows and
     columns of the confusion matrix), the report and the Predictor."""
-    from hybridlib.artifacts import load_checkpoint, read_metrics
+    from hybridlib.checkpoints import load_checkpoint
     from hybridlib.evaluation import evaluate_run
     from hybridlib.prediction import Predictor
+    from hybridlib.runs import read_metrics
     from hybridlib.training import train
 
     names = ["1 star", "2 stars", "10 stars"]  # the 3 tiny classes (sports, business, science) renamed

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from hybridlib import distributed, training
-from hybridlib.artifacts import LOG_COLUMNS
 from hybridlib.config import load_config
 from hybridlib.errors import ConfigError, RunError
+from hybridlib.runs import LOG_COLUMNS
 
 TRACE_ENV = "HYBRIDLIB_TEST_TRACE_DIR"
 

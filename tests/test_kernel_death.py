@@ -10,7 +10,8 @@ import fixtures
 import psutil
 from test_run_safety import CLI_EPOCHS, hybridlib_cli, log_rows, notebooks_with_real_training, wait_for
 
-from hybridlib.artifacts import LOCK_FILE, load_checkpoint
+from hybridlib.checkpoints import load_checkpoint
+from hybridlib.files import LOCK_FILE
 
 
 def test_a_killed_kernel_is_named_with_its_cause_and_the_run_resumes(tmp_path):

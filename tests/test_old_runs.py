@@ -22,12 +22,13 @@ import yaml
 from tiny_run import tiny_run
 
 from hybridlib import Predictor
-from hybridlib.artifacts import LAST_FILE, MODEL_FILE, PARAMS_FILE, checkpoint_config, load_checkpoint
+from hybridlib.checkpoints import checkpoint_config, load_checkpoint
 from hybridlib.cli import main
 from hybridlib.config import FIELDS, RETIRED, Config, fields_of, load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import ConfigError
 from hybridlib.evaluation import evaluate_checkpoint
+from hybridlib.files import LAST_FILE, MODEL_FILE, PARAMS_FILE
 from hybridlib.training import train
 
 # The fields of the previous main's Config, in its order (git show e670417:hybridlib/config.py).

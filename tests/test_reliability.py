@@ -30,13 +30,14 @@ import pytest
 import torch
 
 from hybridlib import training, trainstate
-from hybridlib.artifacts import create_run_dir, load_checkpoint
 from hybridlib.batching import make_loader
+from hybridlib.checkpoints import load_checkpoint
 from hybridlib.cli import main
 from hybridlib.config import load_config, save_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, ConfigError, DataError, HybridlibError, RunError
 from hybridlib.pipeline import prepare_run
+from hybridlib.runs import create_run_dir
 from hybridlib.runtime import get_rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -516,7 +517,7 @@ class _Payload:
 def test_crafted_pickle_is_refused_by_every_entry_point(reference, tmp_path, capsys):
     """A real model.pt / last.pt plus an object whose unpickling would run code: every way of loading it refuses
     it with a message, and the code never runs."""
-    from hybridlib.artifacts import load_model
+    from hybridlib.checkpoints import load_model
     from hybridlib.evaluation import evaluate_checkpoint
     from hybridlib.prediction import Predictor
 

@@ -30,12 +30,14 @@ import torch
 from papermill.exceptions import PapermillExecutionError
 from tiny_run import train_until_epoch
 
-from hybridlib import artifacts, pipeline, training
-from hybridlib.artifacts import LOCK_ENV, LOCK_FILE, atomic_write, load_checkpoint, run_lock
+from hybridlib import files, pipeline, runs, training
+from hybridlib.checkpoints import load_checkpoint
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import ConfigError, DataError, RunError
 from hybridlib.evaluation import evaluate_run
+from hybridlib.files import LOCK_FILE, atomic_write
+from hybridlib.runlock import LOCK_ENV, run_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 3
@@ -67,7 +69,7 @@ def reference(tmp_path_factory, tiny_params, data) -> Path:
     """An uninterrupted EPOCHS-epoch run, trained and evaluated (what an interrupted one must end up as)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     cfg = load_config(tiny_params, {"epochs": EPOCHS, "run_dir": str(run_dir)})
-    artifacts.start_run(cfg)
+    runs.start_run(cfg)
     training.train(cfg, run_dir, data, progress=False)
     evaluate_run(cfg, run_dir, data, progress=False)
     return run_dir
@@ -76,7 +78,7 @@ def reference(tmp_path_factory, tiny_params, data) -> Path:
 def new_run(tmp_path: Path, tiny_params: Path, name: str = "run", **overrides) -> tuple:
     """(Config, run folder) of a new run with params.yaml written, as the pipeline creates one."""
     cfg = load_config(tiny_params, {"epochs": EPOCHS, "run_dir": str(tmp_path / name), **overrides})
-    return cfg, artifacts.start_run(cfg)
+    return cfg, runs.start_run(cfg)
 
 
 def resume_cfg(run_dir: Path):
@@ -98,7 +100,7 @@ def assert_same_as(run_dir: Path, reference: Path) -> None:
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from hybridlib.artifacts import run_lock
+    from hybridlib.runlock import run_lock
 
     with run_lock(sys.argv[1]):
         print("locked", flush=True)
@@ -192,7 +194,7 @@ def test_the_holder_and_its_children_may_write_and_the_lock_goes_on_errors(tmp_p
         token = os.environ[LOCK_ENV]
         training.train(cfg, run_dir, data, progress=False)  # nested: allowed
         child = subprocess.run(
-            [sys.executable, "-c", "import sys; from hybridlib.artifacts import run_lock\n"
+            [sys.executable, "-c", "import sys; from hybridlib.runlock import run_lock\n"
              "with run_lock(sys.argv[1]): print('child wrote')", str(run_dir)],
             capture_output=True, text=True, timeout=120)
         assert child.stdout.strip() == "child wrote", child.stderr
@@ -348,8 +350,8 @@ def test_disk_full_while_writing_a_checkpoint_then_resume(tmp_path, tiny_params,
 def test_disk_too_full_for_an_epoch_writes_none_of_its_files(tmp_path, tiny_params, data, reference, monkeypatch):
     """Checked before writing: without room for model.pt + last.pt + the log, none of them is replaced."""
     cfg, run_dir = new_run(tmp_path, tiny_params)
-    real_free = artifacts.free_bytes
-    monkeypatch.setattr(artifacts, "free_bytes",
+    real_free = files.free_bytes
+    monkeypatch.setattr(files, "free_bytes",
                         lambda folder: 50_000 if (run_dir / "last.pt").exists() else real_free(folder))
     before = {}
     real_save_epoch = training.save_epoch
@@ -386,11 +388,24 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path, code):
     assert target.read_text() == "the previous version" and not temp_files(tmp_path)
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path, mask):
+    """mkstemp makes 0600: the written file gets what open() would give under the umask in force now."""
+    before = os.umask(mask)
+    try:
+        assert files.current_umask() == mask and os.umask(mask) == mask  # read without changing it
+        files.write_text(tmp_path / "notes.txt", "text")
+        (tmp_path / "plain.txt").write_text("text")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "notes.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
 def test_evaluation_on_a_full_disk_keeps_the_previous_metrics(tmp_path, reference, data, monkeypatch):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     before = sha256(run_dir / "metrics.json")
-    monkeypatch.setattr(artifacts, "free_bytes", lambda folder: 100)
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 100)
     cfg = load_config(run_dir / "params.yaml", {"run_dir": str(run_dir)})
     with pytest.raises(RunError, match=rf"Not enough disk space to write metrics\.json in {re.escape(str(run_dir))}: "
                                        rf"it needs about .* and 100 bytes is free.*hybridlib run --resume"):
@@ -406,7 +421,7 @@ def test_pipeline_notebook_write_on_a_full_disk(tmp_path, tiny_params, monkeypat
     notebooks.mkdir()
     (notebooks / "stub.ipynb").write_text(json.dumps(STUB))
     (run_dir / "stub.ipynb").write_text("the previous copy")
-    monkeypatch.setattr(artifacts, "free_bytes", lambda folder: 10)
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 10)
     with pytest.raises(RunError, match=rf"Not enough disk space to write stub\.ipynb in {re.escape(str(run_dir))}: "
                                        rf"it needs about .* and 10 bytes is free.*hybridlib run --resume"):
         pipeline.execute(run_dir, ["stub.ipynb"], notebooks, progress=False)
@@ -414,12 +429,17 @@ def test_pipeline_notebook_write_on_a_full_disk(tmp_path, tiny_params, monkeypat
     assert not [p for p in psutil.Process().children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
 
 
-def test_a_full_disk_inside_a_notebook_is_named(tmp_path):
-    """A write of a notebook's own (not through hybridlib) that hits ENOSPC: the same advice, no traceback."""
-    e = PapermillExecutionError(3, 1, "plt.savefig(...)", "OSError", "[Errno 28] No space left on device", [])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_inside_a_notebook_is_named(tmp_path, code):
+    """A write of a notebook's own (not through hybridlib) that hits ENOSPC or the quota: the same advice, no
+    traceback; another OSError is reported as the failure it is."""
+    evalue = f"[Errno {code}] {os.strerror(code)}"
+    e = PapermillExecutionError(3, 1, "plt.savefig(...)", "OSError", evalue, [])
     msg = str(pipeline.notebook_error(e, "04_visualization.ipynb", tmp_path))
-    assert msg.startswith(f"04_visualization.ipynb stopped: the disk holding {tmp_path} is full ([Errno 28]")
+    assert msg.startswith(f"04_visualization.ipynb stopped: the disk holding {tmp_path} is full ([Errno {code}]")
     assert "is free now" in msg and f"hybridlib run --resume {tmp_path}" in msg
+    other = PapermillExecutionError(3, 1, "open(...)", "OSError", "[Errno 13] Permission denied", [])
+    assert "failed with OSError" in str(pipeline.notebook_error(other, "04_visualization.ipynb", tmp_path))
 
 
 # ----------------------------------------------------------------------------- 4: labels as pandas writes them

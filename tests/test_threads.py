@@ -78,7 +78,7 @@ def test_busy_seconds_from_proc_stat_text():
         cpu10 1000 0 0 0 0 0 0 0 0 0
         intr 12345
     """)
-    tick = th._TICK
+    tick = th.clock_tick()
     assert cpu_busy_seconds([0], stat) == pytest.approx((100 + 5 + 50 + 2 + 3 + 4) / tick)  # idle, iowait out
     assert cpu_busy_seconds([1], stat) == pytest.approx(450 / tick)
     assert cpu_busy_seconds([0, 1], stat) == pytest.approx((164 + 450) / tick)

@@ -10,10 +10,11 @@ import torch
 from tiny_run import train_until_epoch
 
 from hybridlib import training
-from hybridlib.artifacts import load_checkpoint, read_history
+from hybridlib.checkpoints import load_checkpoint
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import ConfigError
+from hybridlib.runs import read_history
 
 EPOCHS, SWA_START = 4, 2
 

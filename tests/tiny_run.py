@@ -17,10 +17,10 @@ _CACHE: dict[str, Path] = {}
 
 def make_tiny_run(root: Path, name: str = "tiny-run", **overrides) -> Path:
     """Train and evaluate a tiny model into ``root/outputs/<name>``; return the run folder."""
-    from hybridlib.artifacts import start_run
     from hybridlib.config import load_config
     from hybridlib.data import prepare_data
     from hybridlib.evaluation import evaluate_run
+    from hybridlib.runs import start_run
     from hybridlib.training import train
 
     root = Path(root)
@@ -48,7 +48,7 @@ def train_until_epoch(cfg, run_dir: Path, data, epoch: int) -> None:
     import pytest
 
     from hybridlib import training
-    from hybridlib.artifacts import load_checkpoint
+    from hybridlib.checkpoints import load_checkpoint
 
     real = training.save_epoch
 
