@@ -4,6 +4,7 @@ validation curves overlaid. Used by ``hybridlib compare`` and 06_compare_runs.""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,14 +12,34 @@ import numpy as np
 import pandas as pd
 
 from hybridlib.config import RETIRED, Config, experiment_fields
+from hybridlib.errors import HybridlibError, RunError
+from hybridlib.files import write_text
+from hybridlib.plots import save_figure
 from hybridlib.runs import read_history, read_metrics
+
+NEEDED = ("dataset", "params", "test_accuracy", "test_macro_f1", "best_val_accuracy", "train_seconds",
+          "num_parameters")
 
 
 def load_run(run_dir: str | Path) -> dict:
-    m = read_metrics(run_dir)
+    m = read_metrics(run_dir, NEEDED)
     m["history"] = read_history(run_dir)
     m["run_dir"] = str(run_dir)
     return m
+
+
+def load_runs(run_dirs: list[str | Path]) -> list[dict]:
+    """The runs that can be read; each one that cannot is skipped with a line saying which file and why."""
+    runs, skipped = [], []
+    for d in run_dirs:
+        try:
+            runs.append(load_run(d))
+        except HybridlibError as e:
+            skipped.append(str(e))
+            print(f"[hybridlib] skipping {d}: {e}", file=sys.stderr)
+    if not runs:
+        raise RunError(f"Nothing to compare: no run could be read. {' '.join(skipped)}")
+    return runs
 
 
 def experiment_key(params: dict, varying: list[str]) -> str:
@@ -32,7 +53,7 @@ def experiment_key(params: dict, varying: list[str]) -> str:
 
 def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     """(table with one row per experiment, mean ± std over its seeds; the loaded runs)."""
-    runs = [load_run(d) for d in run_dirs]
+    runs = load_runs(run_dirs)
     # a param added after a run was made counts as its default there, a retired one at "off" as absent
     defaults = {**RETIRED, **Config().to_dict()}
     keys = [*experiment_fields(), *RETIRED]
@@ -84,7 +105,7 @@ def plot_val_curves(runs: list[dict], path: str | Path | None = None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 
@@ -92,10 +113,9 @@ def write_comparison(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[p
     """Write comparison.md, comparison.csv and val_curves.png into ``out_dir``."""
     table, runs = compare_runs(run_dirs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / "comparison.md", out / "comparison.csv", out / "val_curves.png"]
-    paths[0].write_text(to_markdown(table))
-    table.to_csv(paths[1])
+    write_text(paths[0], to_markdown(table))
+    write_text(paths[1], table.to_csv())
     plot_val_curves(runs, paths[2])
     plt.close("all")
     return table, paths

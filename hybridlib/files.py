@@ -54,11 +54,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None], size: int | Non
     ``path`` keeps its previous content. ``size`` (bytes, if known) is checked against the free space first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with refused_as_run_error(path.parent, f"write {path.name} in"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     check_free_space([path], size or 0)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with refused_as_run_error(path.parent, f"write {path.name} in"):
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
@@ -75,6 +77,26 @@ def atomic_write(path: str | Path, write: Callable[[str], None], size: int | Non
     finally:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# what the file system says when it refuses a path (not a full disk: that has its own message)
+_REFUSALS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+             errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+             errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder"}
+
+
+@contextmanager
+def refused_as_run_error(path: str | Path, doing: str) -> Iterator[None]:
+    """Turn the file system's refusal (read-only, no permission, a file where a folder should be) while
+    ``doing`` ``path`` into a RunError that names the path, the reason and the fix."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _REFUSALS:
+            raise
+        raise RunError(f"Cannot {doing} {path}: {_REFUSALS[e.errno]} ({e.strerror}: {e.filename or path}). "
+                       f"Use a folder you can write to (e.g. --outputs DIR or $HYBRIDLIB_OUTPUTS for runs), or fix "
+                       f"its permissions; nothing was left behind.") from None
 
 
 def current_umask() -> int:
@@ -99,8 +121,32 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2))
 
 
+# how to get a damaged run file back (RUN: the run folder)
+REPAIRS = {
+    METRICS_FILE: "re-run its evaluation: `hybridlib run --resume RUN` (nothing is retrained)",
+    TRAIN_INFO_FILE: "re-run its training's last step: `hybridlib run --resume RUN` (nothing is retrained)",
+    LOG_FILE: "`hybridlib run --resume RUN` writes it again from last.pt (nothing is retrained)",
+}
+
+
+def damaged(path: Path, problem: str) -> RunError:
+    """The error for a run file that cannot be read: which file, what is wrong with it, how to get it back."""
+    fix = REPAIRS.get(path.name, "restore it from a copy, or start a new run").replace("RUN", str(path.parent))
+    return RunError(f"{path} is damaged ({problem}); {fix}.")
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON object from ``path``; a file cut short or edited into something else raises :func:`damaged`."""
+    path = Path(path)
+    with refused_as_run_error(path, "read"):
+        text = path.read_bytes()
+    try:
+        obj = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(path, f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise damaged(path, f"a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 from papermill.iorw import LocalHandler, papermill_io
 
-from hybridlib.config import Config, project_root, save_config
+from hybridlib.config import Config
 from hybridlib.data import Data, preflight, prepare_data
 from hybridlib.distributed import check_world, process_group
 from hybridlib.errors import HybridlibError, RunError
@@ -35,12 +36,12 @@ from hybridlib.files import (
     MODEL_FILE,
     PARAMS_FILE,
     disk_full_advice,
-    disk_full_errors,
     format_bytes,
     free_bytes,
     reports_disk_full,
     write_text,
 )
+from hybridlib.locations import project_root
 from hybridlib.runlock import run_lock
 from hybridlib.runs import check_run_dir, create_run_dir, default_run_name, outputs_root, read_history
 from hybridlib.runtime import PROGRESS_ENV, dist_info
@@ -61,11 +62,14 @@ def prepare_run(cfg: Config, run_name: str | None = None, outputs: str | Path | 
     preflight(cfg)  # a missing dataset/tokenizer fails here, before a run folder exists
     root = Path(outputs) if outputs else outputs_root()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else root / (run_name or default_run_name(cfg, root))
-    create_run_dir(run_dir.resolve())
-    cfg.run_dir = str(run_dir.resolve())
-    with disk_full_errors(run_dir / PARAMS_FILE):
-        save_config(cfg, run_dir / PARAMS_FILE)
-    return cfg, run_dir.resolve()
+    run_dir = create_run_dir(run_dir.resolve())
+    cfg.run_dir = str(run_dir)
+    try:
+        write_text(run_dir / PARAMS_FILE, cfg.to_yaml())
+    except HybridlibError:
+        shutil.rmtree(run_dir, ignore_errors=True)  # the folder made just now: an empty one would block a new try
+        raise
+    return cfg, run_dir
 
 
 class Interrupted(KeyboardInterrupt):

@@ -9,9 +9,13 @@ import numpy as np
 import seaborn as sns
 
 from hybridlib.errors import RunError
-from hybridlib.files import CONFUSION_FILE, CURVES_FILE, LOG_FILE, METRICS_FILE, read_json
-from hybridlib.runs import read_history
+from hybridlib.files import CONFUSION_FILE, CURVES_FILE, LOG_FILE, METRICS_FILE, atomic_write
+from hybridlib.runs import read_history, read_metrics
 
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write ``fig`` as a PNG, atomically (a refused or full disk: the RunError of hybridlib.files)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 def plot_curves(history: list[dict[str, float]], path: str | Path | None = None, title: str = ""):
     """Train/validation loss and accuracy per epoch (the best epoch marked)."""
@@ -34,7 +38,7 @@ def plot_curves(history: list[dict[str, float]], path: str | Path | None = None,
         fig.suptitle(title)
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 
@@ -51,7 +55,7 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str
     ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix (test)")
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 
@@ -66,7 +70,7 @@ def plot_length_distribution(lengths, max_length: int, path: str | Path | None =
     ax.legend()
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
     return fig
 
 
@@ -79,7 +83,8 @@ def save_run_plots(run_dir: str | Path) -> tuple[list[Path], dict | None]:
     plot_curves(read_history(run_dir), written[0], title=run_dir.name)
     metrics = None
     if (run_dir / METRICS_FILE).is_file():
-        metrics = read_json(run_dir / METRICS_FILE)
+        metrics = read_metrics(run_dir, ("confusion_matrix", "label_names", "test_accuracy", "test_macro_f1",
+                                             "best_val_accuracy", "best_epoch"))
         written.append(run_dir / CONFUSION_FILE)
         plot_confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], written[1],
                               title=f"Confusion matrix (test, accuracy {metrics['test_accuracy']:.2%})")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridlib.errors import RunError
-from hybridlib.files import LOCK_FILE, disk_full_errors
+from hybridlib.files import LOCK_FILE, disk_full_errors, refused_as_run_error
 
 LOCK_ENV = "HYBRIDLIB_RUN_LOCK"  # the token of the run lock held by this process or its parent
 
@@ -39,8 +39,9 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     if token and (read_lock(path) or {}).get("token") == token:
         yield  # held by this process or the one that started it
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, token = _acquire_lock(path)
+    with refused_as_run_error(path.parent, f"write {LOCK_FILE} in"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, token = _acquire_lock(path)
     outer = os.environ.get(LOCK_ENV)
     os.environ[LOCK_ENV] = token
     try:

@@ -12,9 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybridlib.config import Config, project_root, save_config
+from hybridlib.config import Config
 from hybridlib.errors import RunError
-from hybridlib.files import LAST_FILE, LOG_FILE, METRICS_FILE, MODEL_FILE, PARAMS_FILE, read_json, write_text
+from hybridlib.files import (
+    LAST_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PARAMS_FILE,
+    damaged,
+    read_json,
+    refused_as_run_error,
+    write_text,
+)
+from hybridlib.locations import project_root
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -44,7 +55,8 @@ def create_run_dir(path: Path) -> Path:
             f"Run folder {path} already exists; hybridlib never overwrites a run. Pick another --run-name, "
             f"or continue that run with `hybridlib run --resume {path}`."
         )
-    path.mkdir(parents=True)
+    with refused_as_run_error(path, "create the run folder"):
+        path.mkdir(parents=True)
     return path
 
 
@@ -55,7 +67,7 @@ def start_run(cfg: Config) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run.resolve())
     if not (run / PARAMS_FILE).exists():
-        save_config(cfg, run / PARAMS_FILE)
+        write_text(run / PARAMS_FILE, cfg.to_yaml())
     return run
 
 
@@ -88,8 +100,11 @@ def list_runs(root: Path | None = None) -> list[dict[str, Any]]:
             info = {"run_dir": d, "name": d.name, "mtime": (d / MODEL_FILE).stat().st_mtime,
                     "dataset": None, "test_accuracy": None}
             if (d / METRICS_FILE).is_file():
-                m = read_json(d / METRICS_FILE)
-                info.update(dataset=m.get("dataset"), test_accuracy=m.get("test_accuracy"))
+                try:
+                    m = read_json(d / METRICS_FILE)
+                except RunError as e:  # listed all the same: a damaged run never hides the others
+                    m = {"damaged": str(e)}
+                info.update(dataset=m.get("dataset"), test_accuracy=m.get("test_accuracy"), damaged=m.get("damaged"))
             runs.append(info)
     return sorted(runs, key=lambda r: r["mtime"], reverse=True)
 
@@ -119,12 +134,28 @@ def read_history(run_dir: str | Path) -> list[dict[str, float]]:
     path = Path(run_dir) / LOG_FILE
     if not path.is_file():
         return []
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    with refused_as_run_error(path, "read"), open(path, encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        rows, header = list(reader), reader.fieldnames
+    if not header:
+        raise damaged(path, "the file is empty")
+    for i, row in enumerate(rows, 2):
+        if None in row or None in row.values():
+            raise damaged(path, f"line {i} does not have the header's {len(header)} columns")
+        try:
+            rows[i - 2] = {k: float(v) for k, v in row.items()}
+        except ValueError as e:
+            raise damaged(path, f"line {i}: {e}") from None
+    return rows
 
 
-def read_metrics(run_dir: str | Path) -> dict[str, Any]:
+def read_metrics(run_dir: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """metrics.json of a finished, evaluated run; one without ``keys`` is damaged (e.g. edited by hand)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise RunError(f"{run_dir} has no {METRICS_FILE}: it is not a finished, evaluated run.")
-    return read_json(path)
+    metrics = read_json(path)
+    missing = [k for k in keys if k not in metrics]
+    if missing:
+        raise damaged(path, f"no {', '.join(missing)}")
+    return metrics

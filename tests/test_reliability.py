@@ -33,7 +33,7 @@ from hybridlib import training, trainstate
 from hybridlib.batching import make_loader
 from hybridlib.checkpoints import load_checkpoint
 from hybridlib.cli import main
-from hybridlib.config import load_config, save_config
+from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, ConfigError, DataError, HybridlibError, RunError
 from hybridlib.pipeline import prepare_run
@@ -435,7 +435,7 @@ def test_a_run_is_never_overwritten(how, reference, tmp_path, tiny_params, capsy
     finished = out / "finished"
     shutil.copytree(reference["dir"], finished)
     cfg = load_config(finished / "params.yaml", {"run_dir": str(finished)})
-    save_config(cfg, finished / "params.yaml")  # the copy's own folder, as `hybridlib train RUN/params.yaml` reads it
+    (finished / "params.yaml").write_text(cfg.to_yaml())  # the copy's own folder, as `hybridlib train RUN/params.yaml` reads it
     (out / "other").mkdir()
     (out / "other" / "metrics.json").write_text('{"test_accuracy": 0.9}')
 
