@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hybridlib.config import Config, check_locations, describe, load_config, parse_cli_value, validate
+from hybridlib.config import Config, describe, load_config, parse_cli_value, validate
 from hybridlib.errors import HybridlibError
+from hybridlib.locations import check_locations
 
 # Each command imports the modules it runs when it starts, so that --help, `hybridlib params` and a refused
 # parameter answer without loading torch, datasets or papermill.

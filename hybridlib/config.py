@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 import sys
 import typing
@@ -27,12 +26,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from hybridlib.errors import ConfigError, DataError
+from hybridlib.errors import ConfigError
+from hybridlib.locations import project_root, resolve_paths
 
 GROUPS = ("data", "model", "training", "machine", "run")
 BRANCHES = ("cnn", "lstm")
-# pretrained_embeddings values that name a source, not a file (see hybridlib.embeddings)
-NAMED_EMBEDDINGS = ("ppmi",)
 # Options removed after they failed validation (docs/accuracy.md, "Rejected options"), with the value
 # that means "off": a params file, params.yaml or checkpoint with that value still loads.
 RETIRED = {"branch_norm": False, "ema_decay": 0.0, "unseen_embeddings": "random", "freeze_embeddings": False,
@@ -157,6 +155,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The params.yaml of a run: every field, in declaration order."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def group(self, *groups: str) -> dict[str, Any]:
         """The fields of the given groups, as a dict."""
         return {k: v for k, v in self.to_dict().items() if FIELDS[k].metadata["group"] in groups}
@@ -164,8 +166,6 @@ class Config:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
-# paths in params (relative ones are resolved against the project root or the cwd)
-PATH_FIELDS = ("data_dir", "pretrained_embeddings", "run_dir")
 
 
 def fields_of(*groups: str) -> list[str]:
@@ -359,67 +359,6 @@ def parse_cli_value(text: str) -> Any:
         return text
 
 
-def project_root() -> Path:
-    """The folder holding notebooks/ and params/ (the repo), found from this package or the cwd."""
-    here = Path(__file__).resolve().parent.parent
-    for cand in (here, Path.cwd(), *Path.cwd().parents):
-        if (cand / "notebooks").is_dir() and (cand / "params").is_dir():
-            return cand
-    return Path.cwd()
-
-
-def resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make relative path parameters absolute against ``base`` (tokenizer only if such a folder exists)."""
-    out = dict(values)
-    for key in PATH_FIELDS:
-        if key == "pretrained_embeddings" and out.get(key) in NAMED_EMBEDDINGS:
-            continue  # a named source, not a path
-        if out.get(key) and not Path(out[key]).expanduser().is_absolute():
-            out[key] = str((base / out[key]).resolve())
-    tok = out.get("tokenizer")
-    if tok and not Path(tok).is_absolute() and (base / tok).is_dir():
-        out["tokenizer"] = str((base / tok).resolve())
-    return out
-
-
-def data_folder(cfg: Config) -> Path | None:
-    """The local data folder: ``data_dir``, else ``$HYBRIDLIB_DATA_DIR/<dataset>`` when it exists; None: the hub."""
-    if cfg.data_dir:
-        path = Path(cfg.data_dir).expanduser()
-        if not path.is_dir():
-            raise DataError(
-                f"data_dir '{cfg.data_dir}' does not exist (or is not a folder). Point data_dir at a folder "
-                f"holding {cfg.train_split}.parquet/.csv/.jsonl and {cfg.test_split}.*, or unset it to load "
-                f"'{cfg.dataset}' from the Hugging Face hub."
-            )
-        return path
-    root = os.environ.get("HYBRIDLIB_DATA_DIR")
-    if root and (Path(root) / cfg.dataset).is_dir():
-        return Path(root) / cfg.dataset
-    return None
-
-
-def tokenizer_folder(name: str) -> Path | None:
-    """The local folder of tokenizer ``name`` (itself, or ``$HYBRIDLIB_TOKENIZERS_DIR/<name>``); None: a hub id.
-    A name that can only be a path (``/``, ``.``, ``~``) must be an existing folder."""
-    local = Path(name).expanduser()
-    shelf = os.environ.get("HYBRIDLIB_TOKENIZERS_DIR")
-    if not local.exists() and shelf and (Path(shelf) / name).is_dir():
-        local = Path(shelf) / name  # e.g. $HYBRIDLIB_TOKENIZERS_DIR/bert-base-uncased
-    if local.exists() and not local.is_dir():
-        raise DataError(f"Tokenizer path '{name}' is a file; point 'tokenizer' at the folder holding vocab.txt.")
-    if not local.exists() and name.startswith(("/", ".", "~")):
-        raise DataError(f"Tokenizer folder '{name}' does not exist. Point 'tokenizer' at a folder holding "
-                        f"vocab.txt (e.g. -p tokenizer ../shared/tokenizers/bert-base-uncased), or use a hub id.")
-    return local if local.exists() else None
-
-
-def check_locations(cfg: Config) -> None:
-    """Refuse a data folder or tokenizer folder that does not exist (file-system checks only: fast)."""
-    data_folder(cfg)
-    tokenizer_folder(cfg.tokenizer)
-
-
 def fit_to_epochs(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A run shortened by an override of ``epochs`` keeps the params file's weight averaging: it starts at
     min(swa_start, epochs), with a one-line notice. A ``swa_start`` set with the override itself is not moved."""
@@ -446,10 +385,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     given = validate(overrides or {}, source="overrides")
     values.update(resolve_paths(given, Path(overrides_dir or Path.cwd())))
     return Config(**fit_to_epochs(values, given))
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
 def describe() -> str:

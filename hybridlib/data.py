@@ -11,9 +11,10 @@ from typing import Any
 
 import datasets
 
-from hybridlib.config import Config, check_locations, data_folder
+from hybridlib.config import Config
 from hybridlib.errors import DataError
 from hybridlib.hub import hub_reachable
+from hybridlib.locations import check_locations, data_folder
 from hybridlib.rawdata import encode_labels, load_raw
 from hybridlib.tokens import encode_texts, load_tokenizer, tokenizer_fingerprint
 

@@ -26,9 +26,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hybridlib.config import FIELDS, Config, load_config, project_root, resolve_paths, validate
+from hybridlib.config import FIELDS, Config, load_config, validate
 from hybridlib.errors import ConfigError, RunError
 from hybridlib.files import PARAMS_FILE
+from hybridlib.locations import project_root, resolve_paths
 from hybridlib.runs import latest_run, outputs_root
 
 __all__ = ["PARAMETER_NAMES", "notebook_config", "notebook_run", "notebook_parameters"]

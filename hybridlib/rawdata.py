@@ -13,9 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hybridlib.config import Config, data_folder
+from hybridlib.config import Config
 from hybridlib.errors import ConfigError, DataError
 from hybridlib.hub import go_offline, hub_reachable
+from hybridlib.locations import data_folder
 
 DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
 

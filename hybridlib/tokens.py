@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-from hybridlib.config import tokenizer_folder
 from hybridlib.errors import DataError
 from hybridlib.hub import go_offline, hub_reachable
+from hybridlib.locations import tokenizer_folder
 
 
 def load_tokenizer(name: str):

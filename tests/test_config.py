@@ -233,7 +233,7 @@ def test_bad_cli_values_rejected(key, text):
 
 
 def test_named_pretrained_embeddings_are_not_taken_for_paths(tmp_path):
-    from hybridlib.config import resolve_paths
+    from hybridlib.locations import resolve_paths
 
     out = resolve_paths({"pretrained_embeddings": "ppmi", "data_dir": "data"}, tmp_path)
     assert out["pretrained_embeddings"] == "ppmi"

@@ -13,9 +13,10 @@ import torch
 
 from hybridlib import data as hd
 from hybridlib.batching import Collator, LengthBucketSampler, make_loader
-from hybridlib.config import data_folder, load_config
+from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import DataError
+from hybridlib.locations import data_folder
 from hybridlib.rawdata import load_raw, natural_key
 from hybridlib.tokens import load_tokenizer, tokenizer_fingerprint
 

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hybridlib"
 # The layers, lowest first (docs/architecture.md, "Modules: one-way layering"): a module imports only
 # modules to its left.
 LAYERS = [
-    "errors", "config", "threads", "runtime", "hub", "tokens", "rawdata", "batching", "data", "embeddings",
+    "errors", "locations", "config", "threads", "runtime", "hub", "tokens", "rawdata", "batching", "data", "embeddings",
     "model", "distributed", "files", "runs", "runlock", "checkpoints", "trainstate", "training",
     "baselines", "evaluation", "explain", "prediction", "plots", "compare", "exploration", "widgets", "bench",
     "notebook", "pipeline", "cli",
@@ -94,8 +94,8 @@ def test_no_function_local_imports_of_hybridlib_modules():
 
 
 def test_the_command_line_loads_no_command_at_import():
-    """`hybridlib --help`, `hybridlib params` and a refused parameter need only config and errors."""
-    assert graph(top_level_only=True)["cli"] == {"config", "errors"}
+    """`hybridlib --help`, `hybridlib params` and a refused parameter or path need only config, locations and errors."""
+    assert graph(top_level_only=True)["cli"] == {"config", "errors", "locations"}
 
 
 def test_the_lazy_predictor_is_the_only_exception():
