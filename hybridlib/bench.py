@@ -3,7 +3,7 @@
     hybridlib bench params/imdb.yaml -p data_dir ../shared/data/imdb -p tokenizer ../shared/tokenizers/bert-base-uncased
     hybridlib bench params/imdb.yaml ... --json          # the same figures as one JSON object
 
-``run_benchmark`` measures (how much: :class:`BenchOptions`) and returns a dict, ``format_report`` prints it.
+``run_benchmark`` measures (how much: :class:`BenchOptions`) and returns a dict; the command line prints it.
 What each part times is in docs/performance.md: training (the project's ``train_step`` against a naive
 reference on the same samples, their steps alternating), inference (the evaluation path and
 ``Predictor.predict``), tokenization (cold and cached) and memory. On CUDA timings wait for the GPU;
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,11 +39,10 @@ from hybridlib.runtime import (
     LSTM_AUTOCAST_ENV,
     LSTM_PATH_ENV,
     PrecisionPolicy,
-    cpu_supports_bf16,
-    cuda_settings,
     dist_info,
     lstm_autocast,
     lstm_path,
+    machine_info,
     peak_rss_mb,
     resolve_precision,
     set_seed,
@@ -90,33 +88,6 @@ def _sync(device: torch.device) -> None:
 def _say(progress: bool, msg: str) -> None:
     if progress:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on: CPU, threads, load, GPU, library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "device": str(device),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_native_bf16": cpu_supports_bf16(),
-        "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda_runtime"] = torch.version.cuda
-        info.update(cuda_settings())
-    return info
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -393,52 +364,3 @@ def run_benchmark(params: str | Path | None = None, overrides: dict[str, Any] | 
         result["memory"]["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     result["machine"]["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return result
-
-
-def format_report(r: dict[str, Any]) -> str:
-    """The benchmark as a plain-text table."""
-    m, tk, tr, inf = r["machine"], r["tokenization"], r["training"], r["inference"]
-    p, n = tr[PROJECT], tr[NAIVE]
-    load = f"{m['load_average_start']:.1f} -> {m['load_average_end']:.1f}" if m.get("load_average_start") is not None else "n/a"
-    where = m.get("gpu") or m["cpu"]
-    lines = [
-        f"hybridlib bench: {r['dataset']}, max_length {r['max_length']}, batch {tr['batch_size']}, precision {r['precision']}"
-        + (f", LSTM {r['lstm_path']} in {r['lstm_precision']}" if r.get("lstm_path") else ""),
-        f"{m['device']} ({where}), {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
-        f"native CPU bf16: {'yes' if m['cpu_native_bf16'] else 'no'}, load average {load}",
-        *([f"cuDNN {m.get('cudnn_version')}, TF32 matmul {m.get('matmul_tf32')} / cuDNN {m.get('cudnn_tf32')}, "
-           f"cudnn.benchmark {m.get('cudnn_benchmark')}, batch lengths padded to multiples of {r.get('pad_multiple')}"]
-          if "cudnn_version" in m else []),
-        "",
-        f"training ({p['steps']} timed steps per path after {tr['warmup_steps']} warm-up; "
-        + (f"same {tr['samples_in_subset']:,} samples)" if tr["complete"] else "stopped by --max-seconds: the paths timed different samples)"),
-        f"  {'path':58s}{'samples/s':>11s}{'tokens/s':>11s}{'padding':>9s}",
-        f"  {'naive: fp32, every batch padded to max_length, no buckets':58s}{n['samples_per_s']:11.1f}"
-        f"{n['tokens_per_s']:11,.0f}{n['padding_fraction']:9.0%}",
-        f"  {'hybridlib: length buckets, per-batch padding, ' + r['precision']:58s}{p['samples_per_s']:11.1f}"
-        f"{p['tokens_per_s']:11,.0f}{p['padding_fraction']:9.0%}",
-        f"  speedup {tr['speedup']:.2f}x (computed tokens per sample: naive/hybridlib = {tr['padded_token_ratio']:.2f}x)",
-        "",
-        "inference",
-        f"  evaluation path, batch {inf['eval_batch_size']}: {inf['eval_texts_per_s']:,.0f} texts/s, "
-        f"{inf['eval_tokens_per_s']:,.0f} tokens/s ({inf['eval_texts']:,} texts)",
-        f"  Predictor.predict, one text (tokenization included, {inf['predict_mean_tokens']:.0f} tokens on average): "
-        f"p50 {inf['predict_p50_ms']:.1f} ms, p95 {inf['predict_p95_ms']:.1f} ms ({inf['predict_texts']} texts)",
-        "",
-        f"tokenization (train split, {tk['train_texts']:,} texts, {tk['train_tokens']:,} tokens)",
-    ]
-    if tk["cold"]:
-        lines.append(
-            f"  cold (fresh datasets cache): {tk['train_tokenize_s']:.1f} s ({tk['train_tokenize_cpu_s']:.1f} CPU-s), "
-            f"{tk['train_texts_per_s']:,.0f} texts/s, {tk['train_tokens_per_s']:,.0f} tokens/s; whole prepare_data "
-            f"cold (both splits): {tk['prepare_cold_total_s']:.1f} s"
-        )
-    lines.append(
-        f"  cached (second prepare_data, whole pipeline): {tk['prepare_cached_s']:.2f} s; tokenized files reused: "
-        f"{'yes' if tk['cache_reused'] else 'NO'}"
-    )
-    mem = f"peak RSS {r['memory']['peak_rss_mb']:,.0f} MiB"
-    if "cuda_peak_allocated_mb" in r["memory"]:
-        mem += f", CUDA peak allocated {r['memory']['cuda_peak_allocated_mb']:,.0f} MiB"
-    lines += ["", f"memory: {mem}"]
-    return "\n".join(lines)

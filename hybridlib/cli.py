@@ -163,14 +163,63 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     _config(a)
-    from hybridlib.bench import format_report, run_benchmark
+    from hybridlib.bench import run_benchmark
 
     result = run_benchmark(
         a.params, _overrides(a.parameter), steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds,
         eval_texts=a.eval_texts, predict_n=a.predict_n, cold=not a.no_cold, progress=not a.json,
     )
-    print(json.dumps(result, indent=2) if a.json else format_report(result))
+    print(json.dumps(result, indent=2) if a.json else bench_report(result))
     return 0
+
+
+def bench_report(r: dict[str, Any]) -> str:
+    """`hybridlib bench`'s figures (:func:`hybridlib.bench.run_benchmark`) as a plain-text table."""
+    m, tk, tr, inf = r["machine"], r["tokenization"], r["training"], r["inference"]
+    p, n = tr["hybridlib"], tr["naive"]
+    load = f"{m['load_average_start']:.1f} -> {m['load_average_end']:.1f}" if m.get("load_average_start") is not None else "n/a"
+    where = m.get("gpu") or m["cpu"]
+    lines = [
+        f"hybridlib bench: {r['dataset']}, max_length {r['max_length']}, batch {tr['batch_size']}, precision {r['precision']}"
+        + (f", LSTM {r['lstm_path']} in {r['lstm_precision']}" if r.get("lstm_path") else ""),
+        f"{m['device']} ({where}), {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
+        f"native CPU bf16: {'yes' if m['cpu_native_bf16'] else 'no'}, load average {load}",
+        *([f"cuDNN {m.get('cudnn_version')}, TF32 matmul {m.get('matmul_tf32')} / cuDNN {m.get('cudnn_tf32')}, "
+           f"cudnn.benchmark {m.get('cudnn_benchmark')}, batch lengths padded to multiples of {r.get('pad_multiple')}"]
+          if "cudnn_version" in m else []),
+        "",
+        f"training ({p['steps']} timed steps per path after {tr['warmup_steps']} warm-up; "
+        + (f"same {tr['samples_in_subset']:,} samples)" if tr["complete"] else "stopped by --max-seconds: the paths timed different samples)"),
+        f"  {'path':58s}{'samples/s':>11s}{'tokens/s':>11s}{'padding':>9s}",
+        f"  {'naive: fp32, every batch padded to max_length, no buckets':58s}{n['samples_per_s']:11.1f}"
+        f"{n['tokens_per_s']:11,.0f}{n['padding_fraction']:9.0%}",
+        f"  {'hybridlib: length buckets, per-batch padding, ' + r['precision']:58s}{p['samples_per_s']:11.1f}"
+        f"{p['tokens_per_s']:11,.0f}{p['padding_fraction']:9.0%}",
+        f"  speedup {tr['speedup']:.2f}x (computed tokens per sample: naive/hybridlib = {tr['padded_token_ratio']:.2f}x)",
+        "",
+        "inference",
+        f"  evaluation path, batch {inf['eval_batch_size']}: {inf['eval_texts_per_s']:,.0f} texts/s, "
+        f"{inf['eval_tokens_per_s']:,.0f} tokens/s ({inf['eval_texts']:,} texts)",
+        f"  Predictor.predict, one text (tokenization included, {inf['predict_mean_tokens']:.0f} tokens on average): "
+        f"p50 {inf['predict_p50_ms']:.1f} ms, p95 {inf['predict_p95_ms']:.1f} ms ({inf['predict_texts']} texts)",
+        "",
+        f"tokenization (train split, {tk['train_texts']:,} texts, {tk['train_tokens']:,} tokens)",
+    ]
+    if tk["cold"]:
+        lines.append(
+            f"  cold (fresh datasets cache): {tk['train_tokenize_s']:.1f} s ({tk['train_tokenize_cpu_s']:.1f} CPU-s), "
+            f"{tk['train_texts_per_s']:,.0f} texts/s, {tk['train_tokens_per_s']:,.0f} tokens/s; whole prepare_data "
+            f"cold (both splits): {tk['prepare_cold_total_s']:.1f} s"
+        )
+    lines.append(
+        f"  cached (second prepare_data, whole pipeline): {tk['prepare_cached_s']:.2f} s; tokenized files reused: "
+        f"{'yes' if tk['cache_reused'] else 'NO'}"
+    )
+    mem = f"peak RSS {r['memory']['peak_rss_mb']:,.0f} MiB"
+    if "cuda_peak_allocated_mb" in r["memory"]:
+        mem += f", CUDA peak allocated {r['memory']['cuda_peak_allocated_mb']:,.0f} MiB"
+    lines += ["", f"memory: {mem}"]
+    return "\n".join(lines)
 
 
 def cmd_params(a: argparse.Namespace) -> int:
