@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import platform
 import sys
@@ -276,9 +277,10 @@ def bench_training(cfg: Config, data, device, amp_dtype, steps: int, warmup: int
     rows = np.sort(np.random.default_rng(cfg.seed).choice(len(train_ds), size=n, replace=False))
     subset = train_ds.select(rows.tolist())
     loaders = {
-        PROJECT: make_loader(subset, cfg, data.pad_id, train=True, epoch=1),
-        NAIVE: make_loader(subset, cfg, data.pad_id, train=True, epoch=1, bucket=False, pad_to=cfg.max_length),
+        PROJECT: make_loader(subset, cfg, data.pad_id, epoch=1),
+        NAIVE: make_loader(subset, dataclasses.replace(cfg, bucket_by_length=False), data.pad_id, epoch=1),
     }
+    loaders[NAIVE].collate_fn.pad_to = cfg.max_length  # every batch padded to max_length
     model = init_model(cfg, data, device)
     naive_model = copy.deepcopy(model)  # same initial weights
     if naive_model.lstm is not None:
@@ -358,7 +360,7 @@ def bench_busy(model, cfg: Config, data, device, amp_dtype, steps: int, warmup: 
                     for m in copy_.modules():
                         if isinstance(m, torch.nn.RNNBase):
                             m.flatten_parameters()
-                    path = _Path(PROJECT, copy_.train(), make_loader(subset, cfg, data.pad_id, train=True, epoch=1),
+                    path = _Path(PROJECT, copy_.train(), make_loader(subset, cfg, data.pad_id, epoch=1),
                                  cfg, device, amp_dtype)
                     threads = CPUThreads(num, device)
                     start = time.perf_counter()
@@ -389,12 +391,12 @@ def bench_inference(model, cfg: Config, data, device, amp_dtype, n_texts: int, p
     ds = test.select(range(min(n_texts, len(test))))
     tokens = int(np.asarray(ds["length"]).sum())
     model.eval()
-    evaluate_split(model, ds.select(range(min(len(ds), cfg.eval_batch_size))), cfg, data.pad_id, device, amp_dtype,
+    evaluate_split(model, ds.select(range(min(len(ds), cfg.eval_batch_size))), cfg, data.pad_id,
                    progress=False)  # warm-up
     _say(progress, f"inference: {len(ds):,} texts through the evaluation path, batch {cfg.eval_batch_size} ...")
     _sync(device)
     t0 = time.perf_counter()
-    evaluate_split(model, ds, cfg, data.pad_id, device, amp_dtype, progress=False)
+    evaluate_split(model, ds, cfg, data.pad_id, progress=False)
     _sync(device)
     eval_s = time.perf_counter() - t0
 
