@@ -16,6 +16,11 @@ outside autocast (fp32, TF32 tensor cores): ``hybridlib.runtime.lstm_path`` and 
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -193,6 +198,7 @@ class HybridClassifier(nn.Module):
             )
         else:
             self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(feat_dim, num_classes))
+        self.branches_side_by_side = False  # inference on one CPU thread: the CNN beside the BiLSTM (see _side_by_side)
         # branch_aux_loss: one linear classifier per branch, used only by the training loss
         branches = {"lstm": self.lstm, "cnn": self.cnn}
         self.aux_heads = nn.ModuleDict(
@@ -216,12 +222,23 @@ class HybridClassifier(nn.Module):
         """Each branch's pooled features, {"lstm": (B, D1), "cnn": (B, D2)} (the branches in use, in concat order).
         ``host_lengths``: the texts' lengths on the CPU, if known (saves the packed LSTM path a GPU wait)."""
         x, mask, lengths = self.embed(input_ids, attention_mask)
+        if self._side_by_side(x):
+            cnn = in_thread(self.cnn, x, mask, lengths)
+            return {"lstm": self.lstm(x, mask, lengths, host_lengths), "cnn": cnn()}
         parts = {}
         if self.lstm is not None:
             parts["lstm"] = self.lstm(x, mask, lengths, host_lengths)
         if self.cnn is not None:
             parts["cnn"] = self.cnn(x, mask, lengths)
         return parts
+
+    def _side_by_side(self, x: torch.Tensor) -> bool:
+        """Run the CNN on a second thread beside the BiLSTM? When asked (``branches_side_by_side``, set by
+        Predictor), for inference on a CPU where torch uses one thread and there is a second core (a call of a
+        few texts would otherwise leave it idle)."""
+        return (self.branches_side_by_side and self.lstm is not None and self.cnn is not None
+                and x.device.type == "cpu" and not torch.is_grad_enabled() and torch.get_num_threads() == 1
+                and (os.cpu_count() or 1) > 1)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The concatenated pooled branch features (before dropout and the MLP)."""
@@ -240,6 +257,23 @@ class HybridClassifier(nn.Module):
         if not with_aux:
             return logits
         return logits, {name: head(parts[name]) for name, head in self.aux_heads.items()}
+
+
+def in_thread(fn: Callable[..., torch.Tensor], *args) -> Callable[[], torch.Tensor]:
+    """Start ``fn(*args)`` on a new thread (one torch thread, no autograd); returns a function that waits for its
+    result. A thread per call, not a pool: nothing outlives the call (nor needs care across fork)."""
+    future: Future = Future()
+
+    def run() -> None:
+        torch.set_num_threads(1)  # this thread's own OpenMP setting, as the caller's
+        try:
+            with torch.no_grad():
+                future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="hybridlib-cnn", daemon=True).start()
+    return future.result
 
 
 def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0) -> HybridClassifier:
