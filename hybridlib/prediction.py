@@ -38,6 +38,7 @@ from hybridlib.baselines import load_tfidf_logreg, mix_probs, tfidf_proba
 from hybridlib.batching import Collator, predict_logits
 from hybridlib.errors import CheckpointError, DataError
 from hybridlib.explain import explain
+from hybridlib.model import SideThread
 from hybridlib.runtime import CUDA_PAD_MULTIPLE, resolve_device
 from hybridlib.threads import CPUThreads
 from hybridlib.tokens import encode_texts, load_tokenizer, shorten
@@ -58,7 +59,7 @@ class Predictor:
         # batches as in training and evaluation (CUDA: lengths in multiples of 64, a few shapes cuDNN sets up once)
         self.collate = Collator(self.pad_id, None, CUDA_PAD_MULTIPLE if device.type == "cuda" else 1,
                                 self.cfg.max_length)
-        model.branches_side_by_side = True  # one-thread CPU calls: the CNN beside the BiLSTM (HybridClassifier)
+        model.side_thread = SideThread()  # one-thread CPU calls: the CNN beside the BiLSTM (HybridClassifier)
         self.tfidf, self.tfidf_weight = None, 0.0  # set by use_ensemble()
         self._auto: CPUThreads | None = None  # the thread policy of large calls (made on first use)
 

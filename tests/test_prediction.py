@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import multiprocessing
+import pickle
 import shutil
 
 import fixtures
@@ -16,7 +19,7 @@ from hybridlib import model as model_module
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, ConfigError, DataError
-from hybridlib.model import in_thread
+from hybridlib.model import SideThread
 from hybridlib.tokens import encode_texts, shorten
 
 SPORTS = "The coach said the team scored a late goal to win the championship match."
@@ -171,22 +174,23 @@ def test_a_sequence_without_any_token_still_predicts(predictor):
 
 
 def test_inference_runs_the_branches_side_by_side_with_the_same_logits(predictor, monkeypatch):
-    """Predictor asks the model (``branches_side_by_side``) to run, on one CPU thread with a second core, its CNN
-    branch on a second thread beside the BiLSTM at inference: the logits are the sequential ones, bit for bit;
-    without a second core, with more torch threads or with autograd on, the branches run one after the other."""
+    """Predictor gives the model a ``side_thread``: on one CPU thread with a second core, its CNN branch runs there
+    beside the BiLSTM at inference, and the logits are the sequential ones, bit for bit; without a second core,
+    with more torch threads or with autograd on, the branches run one after the other."""
     model = predictor.model
-    assert model.branches_side_by_side
+    assert isinstance(model.side_thread, SideThread)
     batch = predictor.collate([{"input_ids": x} for x in predictor.encode([SPORTS, BUSINESS, "", "goal market " * 60])])
     ids, mask = batch["input_ids"], batch["attention_mask"]
     used = []
-    monkeypatch.setattr(model_module, "in_thread", lambda *a: used.append(1) or in_thread(*a))
+    start = SideThread.start
+    monkeypatch.setattr(SideThread, "start", lambda *a: used.append(1) or start(*a))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        monkeypatch.setattr(model, "branches_side_by_side", False)
+        monkeypatch.setattr(model, "side_thread", None)
         with torch.no_grad():
             expected = model(ids, mask)
-        monkeypatch.setattr(model, "branches_side_by_side", True)
+        monkeypatch.setattr(model, "side_thread", SideThread())
         for cores, grad, beside in ((2, False, True), (1, False, False), (2, True, False)):
             monkeypatch.setattr(model_module.os, "cpu_count", lambda n=cores: n)  # any machine: pretend
             used.clear()
@@ -200,12 +204,28 @@ def test_inference_runs_the_branches_side_by_side_with_the_same_logits(predictor
         torch.set_num_threads(before)
 
 
-def test_an_error_on_the_side_thread_reaches_the_caller():
+def test_the_side_thread_reports_errors_and_is_never_shared(predictor, monkeypatch):
     def broken(*_):
         raise RuntimeError("cnn failed")
 
     with pytest.raises(RuntimeError, match="cnn failed"):
-        in_thread(broken)()
+        SideThread().start(broken)()
+    side = predictor.model.side_thread
+    assert copy.deepcopy(predictor.model).side_thread is not side
+    assert pickle.loads(pickle.dumps(side)) is not side
+    # a forked child (multiprocessing's fork, a web server's workers) starts its own thread instead of waiting
+    # for the parent's, which it has no copy of
+    monkeypatch.setattr(model_module.os, "cpu_count", lambda: 2)
+    expected = predictor.predict(SPORTS)  # the parent's side thread is running now
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=lambda: results.put(predictor.predict(SPORTS)))
+    child.start()
+    try:
+        assert results.get(timeout=120) == expected
+    finally:
+        child.join(10)
+        child.kill()
 
 
 @pytest.mark.parametrize(("max_length", "truncation"), [(64, "head_tail"), (4, "head_tail"), (5, "head")])
