@@ -13,6 +13,7 @@ nothing is written outside a temporary folder.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -206,9 +207,10 @@ def bench_training(b: Bench) -> tuple[torch.nn.Module, dict[str, Any]]:
     rows = np.sort(np.random.default_rng(cfg.seed).choice(len(train_ds), size=n, replace=False))
     subset = train_ds.select(rows.tolist())
     loaders = {
-        PROJECT: make_loader(subset, cfg, data.pad_id, train=True, epoch=1),
-        NAIVE: make_loader(subset, cfg, data.pad_id, train=True, epoch=1, bucket=False, pad_to=cfg.max_length),
+        PROJECT: make_loader(subset, cfg, data.pad_id, epoch=1),
+        NAIVE: make_loader(subset, dataclasses.replace(cfg, bucket_by_length=False), data.pad_id, epoch=1),
     }
+    loaders[NAIVE].collate_fn.pad_to = cfg.max_length  # every batch padded to max_length
     model = init_model(cfg, data, device)
     naive_model = copy.deepcopy(model)  # same initial weights
     if naive_model.lstm is not None:
@@ -264,17 +266,17 @@ def bench_training(b: Bench) -> tuple[torch.nn.Module, dict[str, Any]]:
 def bench_inference(b: Bench, model, run_dir: Path) -> dict[str, Any]:
     """Batch texts/s through the evaluation path, and Predictor.predict latency on single texts (``model`` is
     saved to ``run_dir`` for the latter)."""
-    cfg, data, device, amp_dtype, progress = b.cfg, b.data, b.device, b.amp_dtype, b.opts.progress
+    cfg, data, device, progress = b.cfg, b.data, b.device, b.opts.progress
     test = data.splits["test"]
     ds = test.select(range(min(b.opts.eval_texts, len(test))))
     tokens = int(np.asarray(ds["length"]).sum())
     model.eval()
-    evaluate_split(model, ds.select(range(min(len(ds), cfg.eval_batch_size))), cfg, data.pad_id, device, amp_dtype,
+    evaluate_split(model, ds.select(range(min(len(ds), cfg.eval_batch_size))), cfg, data.pad_id,
                    progress=False)  # warm-up
     _say(progress, f"inference: {len(ds):,} texts through the evaluation path, batch {cfg.eval_batch_size} ...")
     _sync(device)
     t0 = time.perf_counter()
-    evaluate_split(model, ds, cfg, data.pad_id, device, amp_dtype, progress=False)
+    evaluate_split(model, ds, cfg, data.pad_id, progress=False)
     _sync(device)
     eval_s = time.perf_counter() - t0
 

@@ -22,7 +22,7 @@ from sklearn.metrics import (
 )
 
 from hybridlib.baselines import ensemble, save_tfidf_logreg, tfidf_logreg
-from hybridlib.batching import make_loader
+from hybridlib.batching import make_loader, predict_logits
 from hybridlib.checkpoints import (
     check_compatible,
     checkpoint_config,
@@ -47,52 +47,25 @@ from hybridlib.files import (
 from hybridlib.model import count_parameters
 from hybridlib.runlock import run_lock
 from hybridlib.runs import read_history
-from hybridlib.runtime import autocast, progress_bar, resolve_device, resolve_precision
+from hybridlib.runtime import progress_bar, resolve_device, resolve_precision
 from hybridlib.threads import CPUThreads
 from hybridlib.tokens import load_tokenizer
 
 
-@torch.no_grad()
-def predict_logits(
-    model: torch.nn.Module,
-    loader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
-    desc: str = "Predicting",
-    threads: CPUThreads | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits, labels, row order) for every batch of ``loader``, in fp32 numpy.
-
-    The loader may reorder rows (length buckets): the third array gives each row's index in the split.
-    """
-    model.eval()
-    logits, labels, order = [], [], []
-    sampler = loader.batch_sampler
-    batches = list(sampler) if sampler is not None else None
-    for i, batch in enumerate(progress_bar(loader, desc, disable=not progress)):
-        if threads is not None:
-            threads.update()
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        mask = batch["attention_mask"].to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            out = model(ids, mask)
-        logits.append(out.float().cpu())
-        if "labels" in batch:
-            labels.append(batch["labels"])
-        if batches is not None:
-            order.append(torch.as_tensor(batches[i]))
-    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
-    return cat(logits), cat(labels), cat(order)
-
-
-def evaluate_split(model, ds, cfg: Config, pad_id: int, device: torch.device, amp_dtype=None, progress: bool = True,
+def evaluate_split(model, ds, cfg: Config, pad_id: int, progress: bool = True,
                    threads: CPUThreads | None = None) -> dict[str, np.ndarray]:
-    """Predictions for a whole tokenized split, in the split's row order."""
-    loader = make_loader(ds, cfg, pad_id, train=False)
-    logits, labels, order = predict_logits(model, loader, device, amp_dtype, progress, desc="Evaluating", threads=threads)
-    inv = np.argsort(order)
-    logits, labels = logits[inv], labels[inv]
+    """Predictions for a whole tokenized split, in the split's row order, on the model's device with
+    ``cfg.precision``: {"logits", "probs", "preds", "labels"}."""
+    device = next(model.parameters()).device
+    loader = make_loader(ds, cfg, pad_id, device)
+    rows = list(loader.batch_sampler)  # the loader's order (length buckets): each batch's rows in the split
+    logits, labels = None, np.zeros(len(ds), dtype=np.int64)
+    batches = progress_bar(loader, "Evaluating", disable=not progress)
+    for idx, (out, batch) in zip(rows, predict_logits(model, batches, device, resolve_precision(cfg.precision, device),
+                                                       threads), strict=True):
+        if logits is None:
+            logits = np.zeros((len(ds), out.size(1)), dtype=np.float32)
+        logits[idx], labels[idx] = out.cpu().numpy(), batch["labels"].numpy()
     probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     return {"logits": logits, "probs": probs, "preds": probs.argmax(1), "labels": labels}
 
@@ -158,7 +131,7 @@ def _evaluate_run(cfg: Config, run_dir: Path, data: Data, device: torch.device |
     threads = CPUThreads(cfg.num_threads, device)
     model, ckpt = load_model(run_dir / MODEL_FILE, device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
     amp = resolve_precision(cfg.precision, device)
-    test = evaluate_split(model, data.splits["test"], cfg, data.pad_id, device, amp, progress, threads)
+    test = evaluate_split(model, data.splits["test"], cfg, data.pad_id, progress, threads)
     m = compute_metrics(test["labels"], test["preds"], data.label_names)
     history = read_history(run_dir)
     train_info = read_json(run_dir / TRAIN_INFO_FILE) if (run_dir / TRAIN_INFO_FILE).is_file() else {}
@@ -186,7 +159,7 @@ def _evaluate_run(cfg: Config, run_dir: Path, data: Data, device: torch.device |
         summary, base_probs, pipe = tfidf_logreg(data, seed=cfg.seed, n_jobs=threads.count)
         save_tfidf_logreg(pipe, run_dir / TFIDF_FILE)  # Predictor.from_run(run, ensemble=True) serves the mix
         metrics["baselines"] = {"tfidf_logreg": summary}
-        val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, device, amp, progress, threads)
+        val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, progress, threads)
         metrics["ensembles"] = {"model+tfidf_logreg": ensemble(
             {"validation": val["probs"], "test": test["probs"]}, base_probs,
             {"validation": val["labels"], "test": test["labels"]})}
@@ -216,8 +189,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: dict[s
     data = prepare_data(cfg, tok)
     check_compatible(ckpt, num_classes=len(data.label_names))
     model = model_from_checkpoint(ckpt, device)
-    res = evaluate_split(model, data.splits[split], cfg, data.pad_id, device, resolve_precision(cfg.precision, device),
-                         progress, threads)
+    res = evaluate_split(model, data.splits[split], cfg, data.pad_id, progress, threads)
     m = compute_metrics(res["labels"], res["preds"], data.label_names)
     m.update(split=split, dataset=cfg.dataset, num_examples=int(len(res["labels"])), checkpoint=str(path))
     return {"metrics": m, "report": report_text(res["labels"], res["preds"], data.label_names)}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hybridlib.errors import DataError
-from hybridlib.tokens import special_tokens
+from hybridlib.tokens import cut, shorten, special_tokens, truncation_budget
 
 METHODS = ("gradient", "occlusion")
 
@@ -37,21 +37,17 @@ def _target_index(predictor, target, probs: torch.Tensor) -> int:
 def _encode_with_spans(predictor, text: str) -> tuple[list[int], list[tuple[int, int] | None], list[int | None], bool]:
     """The ids the model reads for ``text`` (as Predictor.encode), each token's character span in
     ``text`` (None for special tokens) and word index; and whether tokens were cut."""
-    tok = predictor.tokenizer
-    short, cut, shift = predictor._shorten(text)
+    tok, cfg = predictor.tokenizer, predictor.cfg
+    short, end, shift = shorten(tok, text, cfg.max_length, cfg.truncation)
     enc = tok(short, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     words = list(enc.word_ids()) if hasattr(enc, "word_ids") else list(range(len(ids)))
-    head, tail = predictor._budget()
-    truncated = len(ids) > head + tail or short is not text
-    if len(ids) > head + tail:
-        keep = list(range(head)) + list(range(len(ids) - tail, len(ids)))
-        ids = [ids[i] for i in keep]
-        offsets = [offsets[i] for i in keep]
-        words = [words[i] for i in keep]
-    # map positions in the shortened text back to the original
-    offsets = [(s + shift, e + shift) if s > cut else (s, e) for s, e in offsets]
     prefix, suffix = special_tokens(tok)
+    head, tail = truncation_budget(len(prefix) + len(suffix), cfg.max_length, cfg.truncation)
+    truncated = len(ids) > head + tail or short is not text
+    ids, offsets, words = (cut(x, head, tail) for x in (ids, offsets, words))
+    # map positions in the shortened text back to the original
+    offsets = [(s + shift, e + shift) if s > end else (s, e) for s, e in offsets]
     spans: list[tuple[int, int] | None] = [None] * len(prefix) + offsets + [None] * len(suffix)
     words = [None] * len(prefix) + words + [None] * len(suffix)
     return prefix + ids + suffix, spans, words, truncated
@@ -108,7 +104,8 @@ def explain(predictor, text: str, method: str = "gradient", target: str | int | 
     if method not in METHODS:
         raise DataError(f"explain(method={method!r}): use one of {METHODS}.")
     ids, spans, word_ids, truncated = _encode_with_spans(predictor, text)
-    batch, mask = predictor.batch_tensors([ids])
+    batch = predictor.collate([{"input_ids": ids}])
+    batch, mask = batch["input_ids"].to(predictor.device), batch["attention_mask"].to(predictor.device)
     probs_target = None if target is None else _target_index(predictor, target, torch.zeros(len(predictor.label_names)))
     if method == "gradient":
         logp, scores, t = _gradient_x_input(predictor, batch, mask, probs_target)
@@ -117,7 +114,7 @@ def explain(predictor, text: str, method: str = "gradient", target: str | int | 
         logp, scores, t = _occlusion(predictor, batch, mask, probs_target, positions)
     probs = logp.exp().cpu().numpy()
     probs = probs / probs.sum()
-    out = predictor._result(probs)
+    out = predictor.result(probs)
     scores = scores.cpu().tolist()
     keep = [i for i, s in enumerate(spans) if s is not None]
     out.update(

@@ -16,6 +16,10 @@ outside autocast (fp32, TF32 tensor cores): ``hybridlib.runtime.lstm_path`` and 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -193,6 +197,7 @@ class HybridClassifier(nn.Module):
             )
         else:
             self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(feat_dim, num_classes))
+        self.side_thread: SideThread | None = None  # set for inference on one CPU thread (see _side_by_side)
         # branch_aux_loss: one linear classifier per branch, used only by the training loss
         branches = {"lstm": self.lstm, "cnn": self.cnn}
         self.aux_heads = nn.ModuleDict(
@@ -216,12 +221,22 @@ class HybridClassifier(nn.Module):
         """Each branch's pooled features, {"lstm": (B, D1), "cnn": (B, D2)} (the branches in use, in concat order).
         ``host_lengths``: the texts' lengths on the CPU, if known (saves the packed LSTM path a GPU wait)."""
         x, mask, lengths = self.embed(input_ids, attention_mask)
+        if self._side_by_side(x):
+            cnn = self.side_thread.start(self.cnn, x, mask, lengths)
+            return {"lstm": self.lstm(x, mask, lengths, host_lengths), "cnn": cnn()}
         parts = {}
         if self.lstm is not None:
             parts["lstm"] = self.lstm(x, mask, lengths, host_lengths)
         if self.cnn is not None:
             parts["cnn"] = self.cnn(x, mask, lengths)
         return parts
+
+    def _side_by_side(self, x: torch.Tensor) -> bool:
+        """Run the CNN on ``side_thread`` beside the BiLSTM? When it is set (Predictor does), for inference on a CPU
+        where torch uses one thread and there is a second core (a call of a few texts would otherwise leave it idle)."""
+        return (self.side_thread is not None and self.lstm is not None and self.cnn is not None
+                and x.device.type == "cpu" and not torch.is_grad_enabled() and torch.get_num_threads() == 1
+                and (os.cpu_count() or 1) > 1)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The concatenated pooled branch features (before dropout and the MLP)."""
@@ -240,6 +255,30 @@ class HybridClassifier(nn.Module):
         if not with_aux:
             return logits
         return logits, {name: head(parts[name]) for name, head in self.aux_heads.items()}
+
+
+class SideThread:
+    """A worker thread of one model that runs a function beside the caller (inference: the CNN beside the BiLSTM),
+    started on first use. Not shared: a copy, an unpickled model or a forked child starts its own."""
+
+    def __init__(self):
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def __reduce__(self):  # deepcopy, pickle: a new, unstarted one
+        return SideThread, ()
+
+    def start(self, fn: Callable[..., torch.Tensor], *args) -> Callable[[], torch.Tensor]:
+        """Start ``fn(*args)`` (one torch thread, no autograd); returns a function that waits for its result."""
+        if self._pool is None or self._pid != os.getpid():  # a forked child has no copy of the parent's thread
+            self._pool, self._pid = ThreadPoolExecutor(1, thread_name_prefix="hybridlib-side"), os.getpid()
+        return self._pool.submit(_one_thread_no_grad, fn, *args).result
+
+
+def _one_thread_no_grad(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    torch.set_num_threads(1)  # this thread's own OpenMP setting, as the caller's
+    with torch.no_grad():
+        return fn(*args)
 
 
 def build_model(cfg: Config, vocab_size: int, num_classes: int, pad_id: int = 0) -> HybridClassifier:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from hybridlib.errors import DataError
 from hybridlib.hub import go_offline, hub_reachable
 from hybridlib.locations import tokenizer_folder
+
+_SPACE = re.compile(r"\s")
 
 
 def load_tokenizer(name: str):
@@ -76,17 +79,46 @@ def token_ids(tok, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
 
+def truncation_budget(n_special: int, max_length: int, truncation: str) -> tuple[int, int]:
+    """(head, tail): how many text tokens the model reads from a text's start and end, besides ``n_special``
+    special tokens."""
+    budget = max(max_length - n_special, 1)
+    head = budget if truncation == "head" else max(budget // 4, min(budget, 1))
+    return head, budget - head
+
+
+def cut(seq: list, head: int, tail: int) -> list:
+    """``seq`` (token ids, or anything per token) without its middle: its first ``head`` and last ``tail`` items."""
+    return seq if len(seq) <= head + tail else seq[:head] + seq[len(seq) - tail :]
+
+
 def encode_texts(tok, texts: list[str], max_length: int, truncation: str) -> tuple[list[list[int]], list[int]]:
     """Token ids with special tokens, cut to ``max_length`` keeping the head (or head and tail),
     and each text's full length before the cut (for the truncation statistics of 01)."""
     prefix, suffix = special_tokens(tok)
     n_special = len(prefix) + len(suffix)
-    budget = max(max_length - n_special, 1)
-    head = budget if truncation == "head" else max(budget // 4, min(budget, 1))
+    head, tail = truncation_budget(n_special, max_length, truncation)
     enc = token_ids(tok, texts)
-    out = []
-    for ids in enc:
-        if len(ids) > budget:
-            ids = ids[:head] + (ids[len(ids) - (budget - head) :] if budget > head else [])
-        out.append(prefix + ids + suffix)
-    return out, [len(ids) + n_special for ids in enc]
+    return [prefix + cut(ids, head, tail) + suffix for ids in enc], [len(ids) + n_special for ids in enc]
+
+
+def shorten(tok, text: str, max_length: int, truncation: str) -> tuple[str, int, int]:
+    """(short text, cut, shift): a very long text (a book) cut to its head (and tail), at whitespace, when that
+    provably keeps every token the model reads, so tokenizing it costs about as much as a short text;
+    ``cut``/``shift`` map positions in the short text back (position p > cut was p + shift).
+    Returns the text unchanged (cut = len) when it is short or the cut cannot be proven safe."""
+    n, cap = len(text), max(10_000, 40 * max_length)
+    if n <= 2 * cap + 1:
+        return text, n, 0
+    head, tail = truncation_budget(sum(map(len, special_tokens(tok))), max_length, truncation)
+    h_end = max((m.start() for m in _SPACE.finditer(text, cap // 2, cap)), default=None)
+    t_start = next((m.start() for m in _SPACE.finditer(text, n - cap, n - cap // 2)), None) if tail else n
+    if h_end is None or t_start is None:  # no whitespace to cut at (e.g. one huge "word")
+        return text, n, 0
+    parts = [text[:h_end]] + ([text[t_start:]] if tail else [])
+    counts = [len(x) for x in token_ids(tok, parts)]
+    if counts[0] < head or (tail and counts[1] < tail):
+        return text, n, 0  # whitespace-heavy text: too few tokens in the kept parts
+    if not tail:
+        return parts[0], h_end, 0
+    return parts[0] + " " + parts[1], h_end, t_start - h_end - 1

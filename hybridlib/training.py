@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from hybridlib.batching import make_loader
+from hybridlib.batching import make_loader, predict_logits
 from hybridlib.config import Config
 from hybridlib.data import Data, prepare_data
 from hybridlib.distributed import check_world, launch, process_group
@@ -70,8 +70,7 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
         if state.stopped_early(cfg.patience):
             break
         t0 = time.perf_counter()
-        loader = make_loader(data.splits["train"], cfg, data.pad_id, train=True, epoch=epoch, rank=dist.rank,
-                             world_size=dist.world_size, device=loop.device)
+        loader = make_loader(data.splits["train"], cfg, data.pad_id, loop.device, epoch=epoch, dist=dist)
         bar = progress_bar(loader, f"Epoch {epoch}/{cfg.epochs}", disable=not (progress and dist.is_main))
         train_loss, train_acc = train_epoch(loop, bar)
         kept = weights_to_keep(loop, epoch)
@@ -115,8 +114,7 @@ def start(cfg: Config, run_dir: Path, data: Data | None, dist: Dist) -> tuple[Lo
     model = init_model(cfg, data, device, pretrained=not cfg.resume)  # resuming: weights come from last.pt
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else model
-    steps_per_epoch = len(make_loader(data.splits["train"], cfg, data.pad_id, train=True, rank=dist.rank,
-                                      world_size=dist.world_size, device=device))
+    steps_per_epoch = len(make_loader(data.splits["train"], cfg, data.pad_id, device, epoch=0, dist=dist))
     optimizer, scheduler, scaler = make_optimization(model, cfg, steps_per_epoch * cfg.epochs, amp_dtype)
     loop = Loop(cfg, model, net, device, amp_dtype, threads, optimizer, scheduler, scaler, run_dir,
                 averaged=AveragedModel(model) if cfg.swa_start else None)
@@ -322,18 +320,10 @@ def check_finite(loop: Loop, bad: tuple[int, float] | None) -> None:
 @torch.no_grad()
 def validate(model, ds, cfg: Config, pad_id: int, device, amp_dtype, threads: CPUThreads | None = None) -> tuple[float, float]:
     """Validation loss and accuracy, summed over this rank's shard and all-reduced (read from the device once)."""
-    dist = dist_info()
-    model.eval()
     running = RunningSums()
-    for i, batch in enumerate(make_loader(ds, cfg, pad_id, train=False, rank=dist.rank, world_size=dist.world_size,
-                                          device=device)):
-        if threads is not None:
-            threads.update()
-        extra = {"host_lengths": batch["attention_mask"].sum(dim=1)} if device.type == "cuda" else {}
+    loader = make_loader(ds, cfg, pad_id, device, dist=dist_info())
+    for i, (logits, batch) in enumerate(predict_logits(model, loader, device, amp_dtype, threads)):
         y = batch["labels"].to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(batch["input_ids"].to(device, non_blocking=True),
-                           batch["attention_mask"].to(device, non_blocking=True), **extra).float()
         running.add(i, F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(), y.numel(),
                     summed=True)
     running.read()  # a non-finite validation loss is the caller's to judge

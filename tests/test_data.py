@@ -18,6 +18,7 @@ from hybridlib.data import prepare_data
 from hybridlib.errors import DataError
 from hybridlib.locations import data_folder
 from hybridlib.rawdata import load_raw, natural_key
+from hybridlib.runtime import Dist
 from hybridlib.tokens import load_tokenizer, tokenizer_fingerprint
 
 
@@ -593,7 +594,7 @@ def test_sampler_two_ranks(n_batches):
     for epoch in (0, 1):
         shards = []
         for rank in (0, 1):
-            s = LengthBucketSampler(lengths, bs, shuffle=True, bucket=True, seed=9, rank=rank, world_size=2)
+            s = LengthBucketSampler(lengths, bs, shuffle=True, bucket=True, seed=9, dist=Dist(rank, 2))
             s.set_epoch(epoch)
             shards.append(list(s))
         assert len(shards[0]) == len(shards[1])  # same number of steps on every rank
@@ -606,7 +607,7 @@ def test_sampler_two_ranks(n_batches):
 
 def test_sampler_two_ranks_eval_disjoint():
     lengths = np.arange(50)
-    shards = [list(LengthBucketSampler(lengths, 8, shuffle=False, bucket=False, rank=r, world_size=2)) for r in (0, 1)]
+    shards = [list(LengthBucketSampler(lengths, 8, shuffle=False, bucket=False, dist=Dist(r, 2))) for r in (0, 1)]
     a, b = _all_indices(shards[0]), _all_indices(shards[1])
     assert not set(a) & set(b)
     assert sorted(a + b) == list(range(50))
@@ -640,7 +641,7 @@ def test_loader_pads_per_batch(tiny_cfg, tiny_tokenizer):
     lengths = np.asarray(ds["length"])
     assert lengths.max() == tiny_cfg.max_length and lengths.min() < tiny_cfg.max_length // 2
     widths, seen = [], []
-    loader = make_loader(ds, tiny_cfg, d.pad_id, train=True, epoch=1)
+    loader = make_loader(ds, tiny_cfg, d.pad_id, epoch=1)
     sampler_batches = list(loader.batch_sampler)
     for batch, idx in zip(loader, sampler_batches, strict=True):
         assert batch["input_ids"].shape[1] == lengths[idx].max()
@@ -667,7 +668,7 @@ def test_loaders_leave_the_global_rng_alone(tiny_cfg, tiny_tokenizer):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    for train in (True, False):
-        for _ in make_loader(data.splits["train"], tiny_cfg, data.pad_id, train=train, epoch=1):
+    for epoch in (1, None):  # a training loader, an evaluation one
+        for _ in make_loader(data.splits["train"], tiny_cfg, data.pad_id, epoch=epoch):
             pass
     assert torch.equal(torch.rand(3), expected)

@@ -230,9 +230,9 @@ def test_make_loader_pads_and_pins_on_cuda_only(tiny_params):
 
     cfg = load_config(tiny_params, {"batch_size": 8})
     data = prepare_data(cfg)
-    cpu = make_loader(data.splits["train"], cfg, data.pad_id, train=True, device=torch.device("cpu"))
+    cpu = make_loader(data.splits["train"], cfg, data.pad_id, torch.device("cpu"), epoch=0)
     assert cpu.collate_fn.pad_multiple == 1 and not cpu.pin_memory
-    cuda = make_loader(data.splits["train"], cfg, data.pad_id, train=True, device=torch.device("cuda"))
+    cuda = make_loader(data.splits["train"], cfg, data.pad_id, torch.device("cuda"), epoch=0)
     assert cuda.collate_fn.pad_multiple == CUDA_PAD_MULTIPLE and cuda.pin_memory  # built, not iterated (no GPU)
     assert cuda.collate_fn.max_length == cfg.max_length
     # the extra padding changes no logit, on either LSTM path
@@ -291,7 +291,7 @@ def test_validate_sums_as_per_batch_reads(tiny_params):
     net = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id).eval()
     sums = [0.0, 0.0, 0.0]  # what validate summed before: one read per batch
     with torch.no_grad():
-        for batch in make_loader(data.splits["validation"], cfg, data.pad_id, train=False):
+        for batch in make_loader(data.splits["validation"], cfg, data.pad_id):
             logits = net(batch["input_ids"], batch["attention_mask"]).float()
             sums[0] += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             sums[1] += (logits.argmax(1) == batch["labels"]).sum().item()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import multiprocessing
+import pickle
 import shutil
 
 import fixtures
@@ -12,8 +15,12 @@ import torch
 from tiny_run import tiny_run
 
 from hybridlib import Predictor
+from hybridlib import model as model_module
+from hybridlib.config import load_config
+from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, ConfigError, DataError
-from hybridlib.tokens import encode_texts
+from hybridlib.model import SideThread
+from hybridlib.tokens import encode_texts, shorten
 
 SPORTS = "The coach said the team scored a late goal to win the championship match."
 BUSINESS = "Shares of the company fell as investors sold stock after weak quarterly earnings."
@@ -112,10 +119,11 @@ def test_predict_batches_give_the_same_results(run_dir, predictor):
 def test_padding_batches_to_a_multiple_as_on_cuda_changes_no_prediction(run_dir, predictor):
     texts = [SPORTS, BUSINESS, "goal", "market " * 40, "", "stock and planet and team"]
     padded = Predictor.from_run(run_dir, batch_size=4)
-    padded.pad_multiple = 16  # CUDA's policy (CUDA_PAD_MULTIPLE), at a size the tiny run's texts reach
+    padded.collate.pad_multiple = 16  # CUDA's policy (CUDA_PAD_MULTIPLE), at a size the tiny run's texts reach
     ids = padded.encode(texts)
-    batch, mask = padded.batch_tensors(ids[:3])
-    assert batch.shape[1] % 16 == 0 and mask.sum(1).tolist() == [len(x) for x in ids[:3]]
+    batch = padded.collate([{"input_ids": x} for x in ids[:3]])
+    assert batch["input_ids"].shape[1] % 16 == 0
+    assert batch["attention_mask"].sum(1).tolist() == [len(x) for x in ids[:3]]
     np.testing.assert_allclose(padded.predict_proba(texts), predictor.predict_proba(texts), atol=1e-5)
     a, b = padded.explain(SPORTS), predictor.explain(SPORTS)
     assert a["tokens"] == b["tokens"]
@@ -159,37 +167,82 @@ def test_empty_text_rule_is_special_tokens_only(predictor):
 
 
 def test_a_sequence_without_any_token_still_predicts(predictor):
-    batch, mask = predictor.batch_tensors([[]])  # e.g. a tokenizer without special tokens, empty text
-    assert mask.sum().item() == 1
+    batch = predictor.collate([{"input_ids": []}])  # e.g. a tokenizer without special tokens, empty text
+    assert batch["attention_mask"].sum().item() == 1
     with torch.no_grad():
-        assert torch.isfinite(predictor.model(batch, mask)).all()
+        assert torch.isfinite(predictor.model(batch["input_ids"], batch["attention_mask"])).all()
 
 
-def test_forward_runs_the_branches_side_by_side_with_the_same_logits(predictor, monkeypatch):
-    """hybridlib.prediction.forward (inference only): on one CPU thread with a second core, the CNN branch runs on a
-    second thread beside the BiLSTM, and the logits are model(ids, mask)'s, bit for bit; without a second core (or
-    with more torch threads) it is model(ids, mask) itself."""
-    from hybridlib import prediction
-
+def test_inference_runs_the_branches_side_by_side_with_the_same_logits(predictor, monkeypatch):
+    """Predictor gives the model a ``side_thread``: on one CPU thread with a second core, its CNN branch runs there
+    beside the BiLSTM at inference, and the logits are the sequential ones, bit for bit; without a second core,
+    with more torch threads or with autograd on, the branches run one after the other."""
     model = predictor.model
-    ids, mask = predictor.batch_tensors(predictor.encode([SPORTS, BUSINESS, "", "goal market " * 60]))
-    side = prediction._side
+    assert isinstance(model.side_thread, SideThread)
+    batch = predictor.collate([{"input_ids": x} for x in predictor.encode([SPORTS, BUSINESS, "", "goal market " * 60])])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     used = []
-    monkeypatch.setattr(prediction, "_side", lambda: used.append(1) or side())
+    start = SideThread.start
+    monkeypatch.setattr(SideThread, "start", lambda *a: used.append(1) or start(*a))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        monkeypatch.setattr(model, "side_thread", None)
         with torch.no_grad():
             expected = model(ids, mask)
-        for cores, beside in ((2, True), (1, False)):  # any machine: pretend to have that many cores
-            monkeypatch.setattr(prediction.os, "cpu_count", lambda n=cores: n)
+        monkeypatch.setattr(model, "side_thread", SideThread())
+        for cores, grad, beside in ((2, False, True), (1, False, False), (2, True, False)):
+            monkeypatch.setattr(model_module.os, "cpu_count", lambda n=cores: n)  # any machine: pretend
             used.clear()
-            got = prediction.forward(model, ids, mask)
-            assert bool(used) is beside, cores
-            assert torch.equal(got, expected), cores
-            assert not got.requires_grad
+            with torch.set_grad_enabled(grad):
+                got = model(ids, mask)
+            assert bool(used) is beside, (cores, grad)
+            assert got.requires_grad is grad
+            if not grad:  # (with autograd the LSTM takes its training kernels)
+                assert torch.equal(got, expected), cores
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_side_thread_reports_errors_and_is_never_shared(predictor, monkeypatch):
+    def broken(*_):
+        raise RuntimeError("cnn failed")
+
+    with pytest.raises(RuntimeError, match="cnn failed"):
+        SideThread().start(broken)()
+    side = predictor.model.side_thread
+    assert copy.deepcopy(predictor.model).side_thread is not side
+    assert pickle.loads(pickle.dumps(side)) is not side
+    # a forked child (multiprocessing's fork, a web server's workers) starts its own thread instead of waiting
+    # for the parent's, which it has no copy of
+    monkeypatch.setattr(model_module.os, "cpu_count", lambda: 2)
+    expected = predictor.predict(SPORTS)  # the parent's side thread is running now
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    child = ctx.Process(target=lambda: results.put(predictor.predict(SPORTS)))
+    child.start()
+    try:
+        assert results.get(timeout=120) == expected
+    finally:
+        child.join(10)
+        child.kill()
+
+
+@pytest.mark.parametrize(("max_length", "truncation"), [(64, "head_tail"), (4, "head_tail"), (5, "head")])
+def test_prediction_and_explain_read_the_ids_evaluation_reads(run_dir, max_length, truncation):
+    """One cut (tokens.encode_texts): Predictor.encode and explain() give a text the ids that training and
+    evaluation tokenized it to, at any max_length (also below 6, where head_tail keeps a head of one token)."""
+    test = prepare_data(load_config(run_dir / "params.yaml", {"max_length": max_length, "truncation": truncation}))
+    test = test.splits["test"].select(range(40))
+    predictor = Predictor.from_run(run_dir)
+    predictor.cfg.max_length, predictor.cfg.truncation = max_length, truncation
+    texts = list(test["text"])
+    ids = predictor.encode(texts)
+    assert ids == [[int(i) for i in x] for x in test["input_ids"]]
+    long = " ".join(texts)  # cut at every max_length
+    (cut,) = encode_texts(predictor.tokenizer, [long], max_length, truncation)[0]
+    assert predictor.encode([long]) == [cut]
+    assert predictor.explain(long)["tokens"] == predictor.tokenizer.convert_ids_to_tokens(cut[1:-1])
 
 
 @pytest.mark.parametrize("truncation", ["head", "head_tail"])
@@ -198,8 +251,8 @@ def test_long_texts_are_shortened_without_changing_what_the_model_reads(predicto
     words = ["goal", "market", "research", "the", "of", "naïve", "日本", "😀", "team,", "stock."]
     rng = np.random.default_rng(0)
     text = " ".join(rng.choice(words, size=120_000)) + "\n  end"
-    short, _, _ = predictor._shorten(text)
-    assert len(short) < 3 * predictor._clip_chars < len(text)
+    short, _, _ = shorten(predictor.tokenizer, text, predictor.cfg.max_length, truncation)
+    assert len(short) < 3 * max(10_000, 40 * predictor.cfg.max_length) < len(text)
     full = encode_texts(predictor.tokenizer, [text], predictor.cfg.max_length, truncation)[0]
     assert predictor.encode([text]) == full
     # texts the shortcut cannot prove safe are tokenized whole

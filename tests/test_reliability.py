@@ -642,7 +642,7 @@ def loss_becomes(monkeypatch, value: float, at: int) -> None:
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_best(reference, tmp_path, monkeypatch, value):
     data = reference["data"]
     cfg = load_config(reference["dir"] / "params.yaml", {"run_dir": None})
-    steps = len(make_loader(data.splits["train"], cfg, data.pad_id, train=True))
+    steps = len(make_loader(data.splits["train"], cfg, data.pad_id, epoch=0))
     loss_becomes(monkeypatch, value, at=steps + 3)  # epoch 2, step 3
     run_dir = tmp_path / "diverged"
     hashes = {}
