@@ -74,8 +74,7 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
         bar = progress_bar(loader, f"Epoch {epoch}/{cfg.epochs}", disable=not (progress and dist.is_main))
         train_loss, train_acc = train_epoch(loop, bar)
         kept = weights_to_keep(loop, epoch)
-        val_loss, val_acc = validate(kept, data.splits["validation"], cfg, data.pad_id, loop.device, loop.amp_dtype,
-                                     loop.threads)
+        val_loss, val_acc = validate(kept, data.splits["validation"], cfg, data.pad_id, loop.threads)
         if not math.isfinite(val_loss):  # never let non-finite weights become model.pt / last.pt
             raise RunError(diverged_message(loop, f"the validation loss became {val_loss}", epoch, "end"))
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
@@ -318,8 +317,11 @@ def check_finite(loop: Loop, bad: tuple[int, float] | None) -> None:
 
 
 @torch.no_grad()
-def validate(model, ds, cfg: Config, pad_id: int, device, amp_dtype, threads: CPUThreads | None = None) -> tuple[float, float]:
-    """Validation loss and accuracy, summed over this rank's shard and all-reduced (read from the device once)."""
+def validate(model, ds, cfg: Config, pad_id: int, threads: CPUThreads | None = None) -> tuple[float, float]:
+    """Validation loss and accuracy on the model's device with ``cfg.precision``, summed over this rank's shard and
+    all-reduced (read from the device once)."""
+    device = next(model.parameters()).device
+    amp_dtype = resolve_precision(cfg.precision, device)
     running = RunningSums()
     loader = make_loader(ds, cfg, pad_id, device, dist=dist_info())
     for i, (logits, batch) in enumerate(predict_logits(model, loader, device, amp_dtype, threads)):

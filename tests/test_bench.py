@@ -63,7 +63,7 @@ def first_batch(tiny_params, device: str):
     cfg = load_config(tiny_params, {"batch_size": 8, "device": device, "precision": "fp32"})
     data = prepare_data(cfg)
     model = init_model(cfg, data, torch.device(device)).eval()
-    return model, next(iter(make_loader(data.splits["train"], cfg, data.pad_id, train=True, epoch=1))), cfg, data
+    return model, next(iter(make_loader(data.splits["train"], cfg, data.pad_id, epoch=1))), cfg, data
 
 
 @pytest.mark.parametrize("device", DEVICES)

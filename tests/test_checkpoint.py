@@ -127,7 +127,7 @@ def test_rebuilt_model_gives_identical_logits(trained_run, tiny_tokenizer):
     # It is the trained model: on the same validation split it reproduces the logged metrics exactly.
     data = prepare_data(cfg, tokenizer=tiny_tokenizer)
     assert ckpt["tokenizer"]["vocab_size"] == data.vocab_size
-    val_loss, val_acc = validate(a, data.splits["validation"], cfg, data.pad_id, torch.device("cpu"), None)
+    val_loss, val_acc = validate(a, data.splits["validation"], cfg, data.pad_id)
     assert val_acc == pytest.approx(ckpt["best_metric"], abs=1e-9)
     best_row = result.history[ckpt["epoch"] - 1]
     assert val_loss == pytest.approx(best_row["val_loss"], rel=1e-5)

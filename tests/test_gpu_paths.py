@@ -296,7 +296,7 @@ def test_validate_sums_as_per_batch_reads(tiny_params):
             sums[0] += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
             sums[1] += (logits.argmax(1) == batch["labels"]).sum().item()
             sums[2] += batch["labels"].numel()
-    assert validate(net, data.splits["validation"], cfg, data.pad_id, torch.device("cpu"), None) == (
+    assert validate(net, data.splits["validation"], cfg, data.pad_id) == (
         sums[0] / sums[2], sums[1] / sums[2])
 
 

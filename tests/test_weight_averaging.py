@@ -69,8 +69,7 @@ def test_validation_and_model_pt_use_the_kept_weights(recorded, swa_cfg, swa_dat
     model = training.init_model(swa_cfg, swa_data, torch.device("cpu"), pretrained=False)
     for epoch, row in enumerate(read_history(run_dir), 1):
         model.load_state_dict(kept[epoch - 1])
-        loss, acc = training.validate(model, swa_data.splits["validation"], swa_cfg, swa_data.pad_id,
-                                      torch.device("cpu"), None)
+        loss, acc = training.validate(model, swa_data.splits["validation"], swa_cfg, swa_data.pad_id)
         assert (loss, acc) == pytest.approx((row["val_loss"], row["val_accuracy"]))
     best = load_checkpoint(run_dir / "model.pt")
     assert best["epoch"] == result.best_epoch
