@@ -28,8 +28,9 @@ def progress_bar(iterable: Any, desc: str, disable: bool = False) -> Any:
     if os.environ.get(PROGRESS_ENV) == "text":
         from tqdm.std import tqdm
 
+        # a fixed size: the kernel's stderr is no terminal, and tqdm hides a bar beyond a size it reads as 0 rows
         return tqdm(iterable, desc=desc, disable=disable, leave=False, file=sys.stderr, mininterval=TEXT_BAR_SECONDS,
-                    dynamic_ncols=False, ncols=100)
+                    dynamic_ncols=False, ncols=100, nrows=50)
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, disable=disable, leave=False)
