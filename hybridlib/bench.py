@@ -28,7 +28,7 @@ import torch
 
 from hybridlib.batching import make_loader
 from hybridlib.checkpoints import model_checkpoint, save_checkpoint
-from hybridlib.config import Config, load_config
+from hybridlib.config import Config
 from hybridlib.data import prepare_data, tokenize
 from hybridlib.errors import DataError
 from hybridlib.evaluation import evaluate_split
@@ -317,12 +317,10 @@ def bench_inference(b: Bench, model, run_dir: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- all of it
 
 
-def run_benchmark(params: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                  **options: Any) -> dict[str, Any]:
-    """Measure everything for the params file (+ overrides); returns a dict of plain numbers and strings.
-    ``options``: the fields of :class:`BenchOptions`."""
+def run_benchmark(cfg: Config, params: str | Path | None = None, **options: Any) -> dict[str, Any]:
+    """Measure everything for ``cfg`` (read from the params file ``params``, named in the result); returns a dict of
+    plain numbers and strings. ``options``: the fields of :class:`BenchOptions`."""
     opts = BenchOptions(**options)
-    cfg = load_config(params, overrides)
     device = training_device(cfg, dist_info())
     CPUThreads(cfg.num_threads, device)
     b = Bench(cfg, opts, device, resolve_precision(cfg.precision, device))

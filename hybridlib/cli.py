@@ -162,11 +162,11 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    _config(a)
+    cfg = _config(a)
     from hybridlib.bench import run_benchmark
 
     result = run_benchmark(
-        a.params, _overrides(a.parameter), steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds,
+        cfg, a.params, steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds,
         eval_texts=a.eval_texts, predict_n=a.predict_n, cold=not a.no_cold, progress=not a.json,
     )
     print(json.dumps(result, indent=2) if a.json else bench_report(result))
