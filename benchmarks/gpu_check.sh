@@ -12,10 +12,10 @@
 #   1. versions: nvidia-smi, torch / CUDA / cuDNN, the packages that matter;
 #   2. selftest: the packed (cuDNN) and padded BiLSTM paths agree on CUDA (features and gradients, strict fp32
 #      and TF32), no cuDNN weight re-packing warning, and forward+backward ms of each LSTM path and precision;
-#   3. hybridlib bench, precision auto (bf16 on an H100/H200), cold tokenization: the headline figures;
+#   3. benchmarks/bench.py, precision auto (bf16 on an H100/H200), cold tokenization: the headline figures;
 #   4. one whole default IMDB run (hybridlib run params/imdb.yaml, all five notebooks, a cold datasets cache),
 #      under /usr/bin/time -v;
-#   5. hybridlib bench in fp32, fp16 (and bf16 where auto is not bf16), cached tokenization;
+#   5. benchmarks/bench.py in fp32, fp16 (and bf16 where auto is not bf16), cached tokenization;
 #   6. ablations: bf16 with the LSTM under autocast (HYBRIDLIB_LSTM_AUTOCAST=1); fp32 on the old padded LSTM path
 #      (HYBRIDLIB_LSTM_PATH=padded); batch 256 with lr 6e-3 (throughput only).
 # Everything lands in $OUT (at most 8 files come back): results.json (every figure, rewritten after each step),
@@ -290,12 +290,12 @@ print(json.dumps(out))
 EOF
 
 # ---------------------------------------------------------------------------------------------------- 3. bench auto
-bench() {  # bench NAME LIMIT [env assignments...] -- [extra hybridlib bench args...]
+bench() {  # bench NAME LIMIT [env assignments...] -- [extra benchmarks/bench.py args...]
   local name=$1 limit=$2; shift 2
   local envs=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
   [ "${1:-}" = "--" ] && shift
-  step "$name" "$limit" env "${envs[@]}" "$PY" -m hybridlib bench params/imdb.yaml "${DATA[@]}" "${SMALL[@]}" \
+  step "$name" "$limit" env "${envs[@]}" "$PY" benchmarks/bench.py params/imdb.yaml "${DATA[@]}" "${SMALL[@]}" \
     --json "${BENCH_ARGS[@]}" "$@"
 }
 bench bench_auto 150 --

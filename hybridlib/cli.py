@@ -1,4 +1,4 @@
-"""Command line: ``hybridlib run|train|evaluate|predict|visualize|compare|bench|params ...`` (``hybridlib -h``)."""
+"""Command line: ``hybridlib run|train|evaluate|predict|visualize|compare|params ...`` (``hybridlib -h``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _overrides(pairs: list[list[str]] | None) -> dict[str, Any]:
     return validate({k: parse_cli_value(v) for k, v in (pairs or [])}, source="-p")
 
 
-def _config(a: argparse.Namespace) -> Config:
+def config_from_args(a: argparse.Namespace) -> Config:
     """The command's Config; a bad parameter or a missing data or tokenizer folder is refused here, before the
     command loads torch."""
     cfg = load_config(a.params, _overrides(a.parameter))
@@ -34,7 +34,7 @@ def _existing(path: str, expected: str) -> None:
         raise HybridlibError(f"'{path}' does not exist. Pass {expected}.")
 
 
-def _add_p(p: argparse.ArgumentParser) -> None:
+def add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
         help="Override a parameter (as papermill's -p; values parsed as YAML: 3, 1e-3, [cnn], null).",
@@ -51,7 +51,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         if not a.params:
             raise HybridlibError("hybridlib run needs a params file, e.g. `hybridlib run params/ag_news.yaml`.")
-        cfg = _config(a)
+        cfg = config_from_args(a)
         from hybridlib import pipeline
 
         run_dir = pipeline.run(cfg, a.run_name, a.outputs, a.notebooks)
@@ -67,7 +67,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    cfg = _config(a)
+    cfg = config_from_args(a)
     from hybridlib import pipeline
 
     result, run_dir = pipeline.train_only(cfg, a.run_name, a.outputs)
@@ -161,67 +161,6 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(a: argparse.Namespace) -> int:
-    cfg = _config(a)
-    from hybridlib.bench import run_benchmark
-
-    result = run_benchmark(
-        cfg, a.params, steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds,
-        eval_texts=a.eval_texts, predict_n=a.predict_n, cold=not a.no_cold, progress=not a.json,
-    )
-    print(json.dumps(result, indent=2) if a.json else bench_report(result))
-    return 0
-
-
-def bench_report(r: dict[str, Any]) -> str:
-    """`hybridlib bench`'s figures (:func:`hybridlib.bench.run_benchmark`) as a plain-text table."""
-    m, tk, tr, inf = r["machine"], r["tokenization"], r["training"], r["inference"]
-    p, n = tr["hybridlib"], tr["naive"]
-    load = f"{m['load_average_start']:.1f} -> {m['load_average_end']:.1f}" if m.get("load_average_start") is not None else "n/a"
-    where = m.get("gpu") or m["cpu"]
-    lines = [
-        f"hybridlib bench: {r['dataset']}, max_length {r['max_length']}, batch {tr['batch_size']}, precision {r['precision']}"
-        + (f", LSTM {r['lstm_path']} in {r['lstm_precision']}" if r.get("lstm_path") else ""),
-        f"{m['device']} ({where}), {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads, "
-        f"native CPU bf16: {'yes' if m['cpu_native_bf16'] else 'no'}, load average {load}",
-        *([f"cuDNN {m.get('cudnn_version')}, TF32 matmul {m.get('matmul_tf32')} / cuDNN {m.get('cudnn_tf32')}, "
-           f"cudnn.benchmark {m.get('cudnn_benchmark')}, batch lengths padded to multiples of {r.get('pad_multiple')}"]
-          if "cudnn_version" in m else []),
-        "",
-        f"training ({p['steps']} timed steps per path after {tr['warmup_steps']} warm-up; "
-        + (f"same {tr['samples_in_subset']:,} samples)" if tr["complete"] else "stopped by --max-seconds: the paths timed different samples)"),
-        f"  {'path':58s}{'samples/s':>11s}{'tokens/s':>11s}{'padding':>9s}",
-        f"  {'naive: fp32, every batch padded to max_length, no buckets':58s}{n['samples_per_s']:11.1f}"
-        f"{n['tokens_per_s']:11,.0f}{n['padding_fraction']:9.0%}",
-        f"  {'hybridlib: length buckets, per-batch padding, ' + r['precision']:58s}{p['samples_per_s']:11.1f}"
-        f"{p['tokens_per_s']:11,.0f}{p['padding_fraction']:9.0%}",
-        f"  speedup {tr['speedup']:.2f}x (computed tokens per sample: naive/hybridlib = {tr['padded_token_ratio']:.2f}x)",
-        "",
-        "inference",
-        f"  evaluation path, batch {inf['eval_batch_size']}: {inf['eval_texts_per_s']:,.0f} texts/s, "
-        f"{inf['eval_tokens_per_s']:,.0f} tokens/s ({inf['eval_texts']:,} texts)",
-        f"  Predictor.predict, one text (tokenization included, {inf['predict_mean_tokens']:.0f} tokens on average): "
-        f"p50 {inf['predict_p50_ms']:.1f} ms, p95 {inf['predict_p95_ms']:.1f} ms ({inf['predict_texts']} texts)",
-        "",
-        f"tokenization (train split, {tk['train_texts']:,} texts, {tk['train_tokens']:,} tokens)",
-    ]
-    if tk["cold"]:
-        lines.append(
-            f"  cold (fresh datasets cache): {tk['train_tokenize_s']:.1f} s ({tk['train_tokenize_cpu_s']:.1f} CPU-s), "
-            f"{tk['train_texts_per_s']:,.0f} texts/s, {tk['train_tokens_per_s']:,.0f} tokens/s; whole prepare_data "
-            f"cold (both splits): {tk['prepare_cold_total_s']:.1f} s"
-        )
-    lines.append(
-        f"  cached (second prepare_data, whole pipeline): {tk['prepare_cached_s']:.2f} s; tokenized files reused: "
-        f"{'yes' if tk['cache_reused'] else 'NO'}"
-    )
-    mem = f"peak RSS {r['memory']['peak_rss_mb']:,.0f} MiB"
-    if "cuda_peak_allocated_mb" in r["memory"]:
-        mem += f", CUDA peak allocated {r['memory']['cuda_peak_allocated_mb']:,.0f} MiB"
-    lines += ["", f"memory: {mem}"]
-    return "\n".join(lines)
-
-
 def cmd_params(a: argparse.Namespace) -> int:
     print(describe())
     return 0
@@ -237,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run (its last.pt) and finish its notebooks.")
     p.add_argument("--outputs", help="Folder for runs (default: $HYBRIDLIB_OUTPUTS or ./outputs).")
     p.add_argument("--notebooks", type=Path, help="Folder with the numbered notebooks (default: the project's).")
-    _add_p(p)
+    add_overrides(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -248,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params", help="Params YAML: a template (params/ag_news.yaml) or a run's own outputs/RUN/params.yaml.")
     p.add_argument("--run-name", help="Name of the new run folder (default: <dataset>-<timestamp>).")
     p.add_argument("--outputs", help="Folder for runs (default: $HYBRIDLIB_OUTPUTS or ./outputs).")
-    _add_p(p)
+    add_overrides(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="Evaluate a checkpoint on a dataset split.")
@@ -256,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="Dataset to evaluate on (default: the checkpoint's).")
     p.add_argument("--split", default="test", help="test (default), validation or train.")
     p.add_argument("--json", action="store_true", help="Print the metrics as JSON.")
-    _add_p(p)
+    add_overrides(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="Predict labels and class probabilities for texts.")
@@ -277,18 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="Run folders, e.g. outputs/imdb-*.")
     p.add_argument("--out", default="outputs/comparison", help="Where to write comparison.md/.csv and val_curves.png.")
     p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("bench", help="Measure training (vs a naive reference), inference and tokenization speed.")
-    p.add_argument("params", help="Params YAML, e.g. params/imdb.yaml.")
-    p.add_argument("--json", action="store_true", help="Print the figures as one JSON object.")
-    p.add_argument("--steps", type=int, default=20, help="Timed training steps per path (default 20).")
-    p.add_argument("--warmup", type=int, default=3, help="Untimed warm-up steps per path (default 3).")
-    p.add_argument("--max-seconds", type=float, default=120.0, help="Stop the timed training steps after this long.")
-    p.add_argument("--eval-texts", type=int, default=1024, help="Test texts for the batch inference figure.")
-    p.add_argument("--predict-n", type=int, default=50, help="Single texts timed through Predictor.predict.")
-    p.add_argument("--no-cold", action="store_true", help="Skip the cold tokenization (use the usual datasets cache).")
-    _add_p(p)
-    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("params", help="List every parameter with its type, default and meaning.")
     p.set_defaults(func=cmd_params)

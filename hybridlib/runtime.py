@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import random
 import resource
 import sys
@@ -64,14 +63,6 @@ def configure_cuda(benchmark: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def cuda_settings() -> dict[str, Any]:
-    """The CUDA math settings in force (for reports), or {} without CUDA."""
-    if not torch.cuda.is_available():
-        return {}
-    return {"cudnn_version": torch.backends.cudnn.version(), "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
-
-
 def cpu_supports_bf16() -> bool:
     """True on CPUs with native bf16 math (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower than fp32."""
     try:
@@ -107,14 +98,6 @@ class PrecisionPolicy:
     @property
     def lstm_dtype(self) -> torch.dtype:
         return self.autocast_dtype if self.autocast_dtype is not None and self.lstm_autocast else torch.float32
-
-    def describe(self, device_type: str) -> dict[str, str]:
-        """{"precision": ..., "lstm_precision": ...} for reports, e.g. bf16 and "fp32 (TF32)"."""
-        name = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        lstm = name[self.lstm_dtype]
-        if lstm == "fp32" and device_type == "cuda":
-            lstm = "fp32 (TF32)" if torch.backends.cudnn.allow_tf32 else "fp32"
-        return {"precision": name[self.autocast_dtype], "lstm_precision": lstm}
 
 
 def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None, force: bool | None = None) -> bool:
@@ -242,30 +225,3 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on: CPU, threads, load, GPU, library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "device": str(device),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_native_bf16": cpu_supports_bf16(),
-        "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda_runtime"] = torch.version.cuda
-        info.update(cuda_settings())
-    return info

@@ -6,13 +6,17 @@ notebook-running hook can call them directly to build a tiny data folder, tokeni
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 LABEL_NAMES = ["sports", "business", "science"]
 
@@ -185,3 +189,12 @@ def write_tiny_params(path: str | Path, data_dir: str | Path, tokenizer_dir: str
         yaml.safe_dump(tiny_params(data_dir, tokenizer_dir, **overrides), sort_keys=False), encoding="utf-8"
     )
     return path
+
+
+def load_benchmark(name: str) -> Any:
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 
+import fixtures
 import pytest
 import torch
 
 from hybridlib.batching import make_loader
-from hybridlib.cli import main
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.training import init_model
 
+bench = fixtures.load_benchmark("bench")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 SECTIONS = {
@@ -28,7 +29,7 @@ PATH_KEYS = ["samples_per_s", "tokens_per_s", "padded_tokens_per_s", "seconds", 
 
 
 def test_bench_json_has_every_figure(tiny_params, capsys):
-    code = main(["bench", str(tiny_params), "--json", "--steps", "2", "--warmup", "1", "--eval-texts", "32",
+    code = bench.main([str(tiny_params), "--json", "--steps", "2", "--warmup", "1", "--eval-texts", "32",
                  "--predict-n", "4", "-p", "batch_size", "8"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)  # stdout holds the JSON only
@@ -50,7 +51,7 @@ def test_bench_json_has_every_figure(tiny_params, capsys):
 
 
 def test_bench_table(tiny_params, capsys):
-    code = main(["bench", str(tiny_params), "--steps", "1", "--warmup", "1", "--eval-texts", "16",
+    code = bench.main([str(tiny_params), "--steps", "1", "--warmup", "1", "--eval-texts", "16",
                  "--predict-n", "3", "--no-cold"])
     assert code == 0
     text = capsys.readouterr().out

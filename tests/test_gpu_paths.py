@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 
+import fixtures
 import pytest
 import torch
 
 from hybridlib import model as model_mod
 from hybridlib.batching import Collator, make_loader
-from hybridlib.cli import main
 from hybridlib.config import Config
 from hybridlib.errors import ConfigError
 from hybridlib.model import BiLSTMBranch, build_model
@@ -26,6 +26,8 @@ from hybridlib.runtime import (
     resolve_precision,
 )
 from hybridlib.training import RunningSums
+
+bench = fixtures.load_benchmark("bench")
 
 
 def _batch(lengths: list[int], dim: int, T: int | None = None, seed: int = 0):
@@ -171,9 +173,9 @@ def test_precision_policy_fp16_on_cpu_and_overrides(monkeypatch):
     assert not lstm_autocast("cpu", None) and not lstm_autocast("cuda", None, force=True)
     monkeypatch.setenv(LSTM_AUTOCAST_ENV, "1")
     assert lstm_autocast("cuda", torch.float16)
-    assert PrecisionPolicy(torch.bfloat16, False).describe("cpu") == {"precision": "bf16", "lstm_precision": "fp32"}
-    assert PrecisionPolicy(None, False).describe("cpu") == {"precision": "fp32", "lstm_precision": "fp32"}
-    assert PrecisionPolicy(torch.float16, True).describe("cuda") == {"precision": "fp16", "lstm_precision": "fp16"}
+    assert bench.precision_names(PrecisionPolicy(torch.bfloat16, False), "cpu") == {"precision": "bf16", "lstm_precision": "fp32"}
+    assert bench.precision_names(PrecisionPolicy(None, False), "cpu") == {"precision": "fp32", "lstm_precision": "fp32"}
+    assert bench.precision_names(PrecisionPolicy(torch.float16, True), "cuda") == {"precision": "fp16", "lstm_precision": "fp16"}
 
 
 def test_resolve_precision_unchanged_on_cpu(monkeypatch):
@@ -310,7 +312,7 @@ def test_bench_reports_precision_and_lstm_path(tiny_params, capsys, monkeypatch,
         monkeypatch.setenv(LSTM_PATH_ENV, path)  # the CUDA path, trained and served end to end on CPU
     else:
         monkeypatch.delenv(LSTM_PATH_ENV, raising=False)
-    code = main(["bench", str(tiny_params), "--json", "--steps", "2", "--warmup", "1", "--eval-texts", "16",
+    code = bench.main([str(tiny_params), "--json", "--steps", "2", "--warmup", "1", "--eval-texts", "16",
                  "--predict-n", "2", "--no-cold", "-p", "batch_size", "8", "-p", "precision", "fp32"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hybridlib"
 LAYERS = [
     "errors", "locations", "config", "threads", "runtime", "hub", "tokens", "rawdata", "batching", "data", "embeddings",
     "model", "distributed", "files", "runs", "runlock", "checkpoints", "trainstate", "training",
-    "baselines", "evaluation", "explain", "prediction", "plots", "compare", "exploration", "widgets", "bench",
+    "baselines", "evaluation", "explain", "prediction", "plots", "compare", "exploration", "widgets",
     "notebook", "pipeline", "cli",
 ]
 ENTRY_POINTS = {"__init__", "__main__"}  # the package itself and `python -m hybridlib`: above every layer

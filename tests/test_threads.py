@@ -3,14 +3,13 @@ neighbour that benchmarks/busy_neighbour.py measures it beside."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
+import fixtures
 import psutil
 import pytest
 import torch
@@ -343,11 +342,7 @@ def test_real_clock_smoke():
 
 # ----------------------------------------------------------------------------- busy_neighbour
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-_spec = importlib.util.spec_from_file_location("busy_neighbour_benchmark", BENCHMARKS / "busy_neighbour.py")
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
-busy_neighbour = _module.busy_neighbour
+busy_neighbour = fixtures.load_benchmark("busy_neighbour").busy_neighbour
 
 
 def _gone(pid: int) -> bool:
@@ -382,7 +377,7 @@ def test_busy_neighbour_pinned_to_one_cpu():
 
 
 def test_busy_neighbour_ends_by_itself_when_its_parent_is_killed():
-    code = (f"import os, signal, sys; sys.path.insert(0, {str(BENCHMARKS)!r}); from busy_neighbour import busy_neighbour\n"
+    code = (f"import os, signal, sys; sys.path.insert(0, {str(fixtures.BENCHMARKS)!r}); from busy_neighbour import busy_neighbour\n"
             "with busy_neighbour() as p:\n    print(p.pid, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())
