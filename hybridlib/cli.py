@@ -60,10 +60,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     metrics = Path(run_dir) / METRICS_FILE
     print(f"Run finished: {run_dir}")
     if metrics.is_file():
-        m = read_json(metrics)
-        print(f"test_accuracy {m['test_accuracy']:.4f}  test_macro_f1 {m['test_macro_f1']:.4f}  "
-              f"best_val_accuracy {m['best_val_accuracy']:.4f} (epoch {m['best_epoch']})")
+        print(_summary(read_json(metrics)))
     return 0
+
+
+def _summary(m: dict[str, Any]) -> str:
+    """A finished run's headline figures, from its metrics.json."""
+    return (f"test_accuracy {m['test_accuracy']:.4f}  test_macro_f1 {m['test_macro_f1']:.4f}  "
+            f"best_val_accuracy {m['best_val_accuracy']:.4f} (epoch {m['best_epoch']})")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -144,8 +148,7 @@ def cmd_visualize(a: argparse.Namespace) -> int:
     for p in paths:
         print(f"wrote {p}")
     if metrics:
-        print(f"test_accuracy {metrics['test_accuracy']:.4f}  test_macro_f1 {metrics['test_macro_f1']:.4f}  "
-              f"best_val_accuracy {metrics['best_val_accuracy']:.4f} (epoch {metrics['best_epoch']})")
+        print(_summary(metrics))
     return 0
 
 
