@@ -52,11 +52,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def configure_cuda(benchmark: bool = False) -> None:
-    """CUDA only: TF32 for fp32 matrix products (cuBLAS) and cuDNN's convolutions and LSTM; with ``benchmark``,
-    cuDNN also times its algorithms for each new input shape and keeps the fastest (training and the bench call
-    it so: their batch lengths are multiples of ``CUDA_PAD_MULTIPLE``, a handful of shapes). Left off elsewhere:
-    ``Predictor`` pads to the same multiples, but its batch sizes change from call to call, and each new
-    (batch, length) pair would be timed again. Never called on CPU runs, whose settings it would not change anyway."""
+    """CUDA only: TF32 for fp32 matrix products and cuDNN; ``benchmark``: cuDNN picks the fastest algorithm per
+    input shape (training: few shapes; not for ``Predictor``, whose batch sizes change from call to call)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if benchmark:
@@ -100,24 +97,16 @@ class PrecisionPolicy:
         return self.autocast_dtype if self.autocast_dtype is not None and self.lstm_autocast else torch.float32
 
 
-def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None, force: bool | None = None) -> bool:
-    """Does the LSTM run under the model's autocast ``amp_dtype`` on ``device_type``?
-
-    CPU: yes (bf16 where the CPU has it, as before). CUDA: no, it runs in fp32 (TF32 tensor cores): cuDNN
-    runs bf16 LSTMs natively only from cuDNN 9.13 on (before, a slow per-step fallback), and autocast's
-    fp16 LSTM re-packs its weights at every call. Not yet measured on a GPU against fp16 + GradScaler:
-    ``force`` (default: ``HYBRIDLIB_LSTM_AUTOCAST=1`` in the environment) turns autocast back on there."""
+def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None) -> bool:
+    """Does the LSTM run under the model's autocast ``amp_dtype`` on ``device_type``? CPU: yes. CUDA: no, fp32
+    (TF32): cuDNN's bf16 LSTM is native only from cuDNN 9.13, autocast's fp16 one re-packs its weights at every
+    call; ``HYBRIDLIB_LSTM_AUTOCAST=1`` turns autocast on there."""
     if amp_dtype is None:
         return False
-    if device_type != "cuda":
-        return True
-    if force is None:
-        force = os.environ.get(LSTM_AUTOCAST_ENV, "") == "1"
-    return force
+    return device_type != "cuda" or os.environ.get(LSTM_AUTOCAST_ENV, "") == "1"
 
 
-def precision_policy(precision: str, device_type: str, native_bf16: bool,
-                     force_lstm_autocast: bool | None = None) -> PrecisionPolicy:
+def precision_policy(precision: str, device_type: str, native_bf16: bool) -> PrecisionPolicy:
     """The :class:`PrecisionPolicy` of ``precision`` (auto, fp32, bf16, fp16) on ``device_type``, where
     ``native_bf16`` says whether the device computes in bf16 natively (a pure function: tests call it on CPU)."""
     if precision == "fp32":
@@ -133,16 +122,13 @@ def precision_policy(precision: str, device_type: str, native_bf16: bool,
         dtype = torch.bfloat16
     else:
         dtype = None
-    return PrecisionPolicy(dtype, lstm_autocast(device_type, dtype, force_lstm_autocast))
+    return PrecisionPolicy(dtype, lstm_autocast(device_type, dtype))
 
 
-def lstm_path(device_type: str, force: str | None = None) -> str:
-    """The BiLSTM implementation for ``device_type``: "packed" on CUDA (one cuDNN bidirectional call over packed
-    sequences), "padded" elsewhere (two one-directional LSTMs over the padded batch, the backward one on each
-    text reversed in place: oneDNN has no packed path, measured 2x slower on CPU). ``force`` (default: the
-    ``HYBRIDLIB_LSTM_PATH`` environment variable) picks one on any device; both give the same features."""
-    if force is None:
-        force = os.environ.get(LSTM_PATH_ENV) or None
+def lstm_path(device_type: str) -> str:
+    """The BiLSTM implementation for ``device_type`` (:class:`hybridlib.model.BiLSTMBranch`): "packed" on CUDA,
+    "padded" elsewhere (oneDNN has no packed path); ``HYBRIDLIB_LSTM_PATH`` picks one on any device."""
+    force = os.environ.get(LSTM_PATH_ENV) or None
     if force is not None:
         if force not in LSTM_PATHS:
             raise ConfigError(f"{LSTM_PATH_ENV}={force!r}: use one of {', '.join(LSTM_PATHS)}.")

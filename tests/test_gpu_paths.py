@@ -132,7 +132,8 @@ def test_cpu_default_is_the_padded_path(monkeypatch):
 def test_lstm_path_policy(monkeypatch):
     monkeypatch.delenv(LSTM_PATH_ENV, raising=False)
     assert lstm_path("cuda") == "packed" and lstm_path("cpu") == "padded"
-    assert lstm_path("cuda", force="padded") == "padded" and lstm_path("cpu", force="packed") == "packed"
+    monkeypatch.setenv(LSTM_PATH_ENV, "padded")
+    assert lstm_path("cuda") == "padded"
     monkeypatch.setenv(LSTM_PATH_ENV, "packed")
     assert lstm_path("cpu") == "packed"
     monkeypatch.setenv(LSTM_PATH_ENV, "sideways")
@@ -168,11 +169,11 @@ def test_precision_policy_fp16_on_cpu_and_overrides(monkeypatch):
     monkeypatch.delenv(LSTM_AUTOCAST_ENV, raising=False)
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         precision_policy("fp16", "cpu", True)
-    assert precision_policy("bf16", "cuda", True, force_lstm_autocast=True).lstm_dtype == torch.bfloat16
     assert not lstm_autocast("cuda", torch.bfloat16) and lstm_autocast("cpu", torch.bfloat16)
-    assert not lstm_autocast("cpu", None) and not lstm_autocast("cuda", None, force=True)
     monkeypatch.setenv(LSTM_AUTOCAST_ENV, "1")
+    assert precision_policy("bf16", "cuda", True).lstm_dtype == torch.bfloat16
     assert lstm_autocast("cuda", torch.float16)
+    assert not lstm_autocast("cpu", None) and not lstm_autocast("cuda", None)
     assert bench.precision_names(PrecisionPolicy(torch.bfloat16, False), "cpu") == {"precision": "bf16", "lstm_precision": "fp32"}
     assert bench.precision_names(PrecisionPolicy(None, False), "cpu") == {"precision": "fp32", "lstm_precision": "fp32"}
     assert bench.precision_names(PrecisionPolicy(torch.float16, True), "cuda") == {"precision": "fp16", "lstm_precision": "fp16"}
