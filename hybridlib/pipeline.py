@@ -1,9 +1,5 @@
-"""Runs end to end: validate params and create the run folder, then execute the numbered notebooks with
-papermill into it (``run``, ``resume``); or train it under torchrun (``train_distributed``).
-
-The pipeline holds the run's lock (:func:`hybridlib.runlock.run_lock`) while it runs; the notebook kernels it
-starts write under it. Ctrl-C interrupts the running kernel, shuts it down and raises :class:`Interrupted`, whose
-message says where the run stands and how to resume it. Executed notebooks are written atomically.
+"""Runs end to end: create the run folder, then execute the numbered notebooks into it with papermill (``run``,
+``resume``), holding the run's lock; Ctrl-C stops the kernel and says how to resume. Or train only (``train_only``).
 """
 
 from __future__ import annotations

@@ -26,14 +26,9 @@ LOCK_ENV = "HYBRIDLIB_RUN_LOCK"  # the token of the run lock held by this proces
 
 @contextmanager
 def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold ``run_dir/run.lock`` while writing the run (the pipeline, ``train``, ``evaluate_run``).
-
-    Another process that would write the run is refused with a RunError naming the holder (pid, host, since
-    when, command). The lock is an OS lock (``flock``) on that file, so a holder that died (kill -9, power loss)
-    holds nothing and the next writer takes the file over; a record left by a process on another host is
-    refused, since its liveness cannot be checked from here. Re-entrant for this process and its children (the
-    pipeline's notebook kernels, DDP workers), which find the holder's token in ``$HYBRIDLIB_RUN_LOCK``.
-    """
+    """Hold ``run_dir/run.lock`` while writing the run (the pipeline, ``train``, ``evaluate_run``). A record left
+    on another host is refused (its liveness cannot be checked from here). Re-entrant for this process and its
+    children (notebook kernels, DDP workers), which find the holder's token in ``$HYBRIDLIB_RUN_LOCK``."""
     path = Path(run_dir) / LOCK_FILE
     token = os.environ.get(LOCK_ENV)
     if token and (read_lock(path) or {}).get("token") == token:

@@ -1,9 +1,5 @@
-"""The training loop: AdamW, warm-up + decay schedule, gradient clipping, optional adversarial training,
-early stopping on validation accuracy, atomic checkpoints each epoch, and resume.
-
-One code path for 1 and N processes: under torch.distributed the model is wrapped in DDP, each rank
-reads a disjoint shard of every epoch's batches, metrics are summed over ranks, and only rank 0 writes
-files. :func:`fit` starts N processes on this machine (or just calls :func:`train` for one).
+"""The training loop (AdamW, warm-up + decay, gradient clipping, adversarial training, weight averaging, early
+stopping, a checkpoint per epoch, resume), one code path for 1 and N processes: docs/architecture.md, "Training".
 """
 
 from __future__ import annotations
@@ -363,13 +359,8 @@ def train_worker(cfg: Config, run_dir: str, data: Data, progress: bool = True) -
 
 
 def fit(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: bool = True) -> TrainResult:
-    """Train like :func:`train`, on ``cfg.num_processes`` processes of this machine.
-
-    One process: ``train`` runs here. Several: ``data`` (prepared here if not given, so tokenization
-    happens once) is handed to ``num_processes`` workers started by torch.distributed's elastic
-    launcher, one per GPU on CUDA (NCCL) or CPU processes (gloo). Rank 0 writes the same artifacts
-    as a single-process run and its result is returned; rank 0's epoch lines are echoed here.
-    """
+    """Train like :func:`train`, on ``cfg.num_processes`` processes of this machine (docs/distributed.md): ``data``
+    is prepared here once for all workers; rank 0's result is returned and its epoch lines echoed."""
     n = cfg.num_processes
     if n == 1 or dist_info().enabled:  # already inside a process group (torchrun): just train
         return train(cfg, run_dir, data, progress)

@@ -1,12 +1,6 @@
-"""The prediction widget of 05_prediction: pick a run, type a text, see its label, the class
-probabilities and the tokens that pushed the decision.
-
-    from hybridlib.widgets import make_predict_widget
-    make_predict_widget()            # runs under $HYBRIDLIB_OUTPUTS or outputs/, newest first
-
-Everything it shows is plain HTML (bars and highlighted text), so it renders in JupyterLab, VS Code
-and nbconvert alike, and a prediction takes milliseconds (no plotting library on the hot path).
-Problems (no runs yet, an empty text, an unloadable run) are shown as messages in the widget.
+"""The prediction widget of 05_prediction (docs/prediction.md): pick a run, type a text, see its label, the class
+probabilities and the tokens that pushed the decision. Plain HTML, so it renders in JupyterLab, VS Code and
+nbconvert alike, and a prediction takes no plotting library.
 """
 
 from __future__ import annotations
@@ -163,12 +157,8 @@ def _run_option(info: dict[str, Any]) -> str:
 
 
 class PredictWidget(w.VBox):
-    """Run picker, text box, Predict button, examples, label + probability bars, highlighted explanation.
-
-    Attributes for scripting and tests: ``run_picker``, ``text``, ``button``, ``example_buttons``,
-    ``message`` / ``result`` / ``explanation`` (HTML widgets: read ``.value``), ``last`` (the last
-    explanation dict, or None) and ``last_seconds``.
-    """
+    """Run picker, text box, Predict button, examples, label + probability bars, highlighted explanation;
+    ``last``: the last explanation dict (or None)."""
 
     def __init__(self, runs_root: str | Path | None = None, run_dir: str | Path | None = None,
                  examples: list[str] | None = None, device: str = "cpu", method: str = "gradient"):
