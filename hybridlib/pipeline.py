@@ -10,8 +10,6 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,7 +36,7 @@ from hybridlib.files import (
     write_text,
 )
 from hybridlib.locations import project_root
-from hybridlib.runlock import run_lock
+from hybridlib.runlock import child_env, run_lock
 from hybridlib.runs import check_run_dir, create_run_dir, default_run_name, outputs_root, read_history
 from hybridlib.runtime import PROGRESS_ENV, dist_info
 from hybridlib.training import TrainResult, fit, train
@@ -80,7 +78,7 @@ def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Pa
     nb_dir = notebooks_dir or project_root() / "notebooks"
     names = notebooks or NOTEBOOKS
     _write_notebooks_atomically(run_dir)
-    with _CtrlC() as ctrl_c, _kernel_env({PROGRESS_ENV: "text"} if progress else {}):
+    with _CtrlC() as ctrl_c, child_env({PROGRESS_ENV: "text"} if progress else {}):
         for i, name in enumerate(names, 1):
             src = nb_dir / name
             if not src.is_file():
@@ -115,25 +113,10 @@ def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Pa
                 _KernelManager.latest = None
 
 
-@contextmanager
-def _kernel_env(values: dict[str, str]) -> Iterator[None]:
-    """Environment variables for the kernels started within the block (they inherit this process's)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunError:
     """The RunError for a notebook that stopped with an exception (a hybridlib error: its own message)."""
     kind = e.ename
-    if kind in {c.__name__ for c in _user_errors()}:
+    if kind in {c.__name__ for c in (HybridlibError, *HybridlibError.__subclasses__())}:
         return RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name})")
     if reports_disk_full(kind, e.evalue):
         return RunError(
@@ -257,15 +240,6 @@ def _write_notebooks_atomically(run_dir: Path) -> None:
     if prefix not in _ATOMIC_PREFIXES:
         papermill_io.register(prefix, _NotebookWriter())
         _ATOMIC_PREFIXES.add(prefix)
-
-
-def _user_errors() -> list[type]:
-    out, todo = [], [HybridlibError]
-    while todo:
-        c = todo.pop()
-        out.append(c)
-        todo.extend(c.__subclasses__())
-    return out
 
 
 def run(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None, notebooks_dir: Path | None = None,

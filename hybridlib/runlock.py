@@ -37,16 +37,26 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     with refused_as_run_error(path.parent, f"write {LOCK_FILE} in"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, token = _acquire_lock(path)
-    outer = os.environ.get(LOCK_ENV)
-    os.environ[LOCK_ENV] = token
+    try:
+        with child_env({LOCK_ENV: token}):
+            yield
+    finally:
+        _release_lock(path, fd)
+
+
+@contextmanager
+def child_env(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables for the processes started within the block (they inherit this process's)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if outer is None:
-            os.environ.pop(LOCK_ENV, None)
-        else:
-            os.environ[LOCK_ENV] = outer
-        _release_lock(path, fd)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def read_lock(path: str | Path) -> dict[str, Any] | None:

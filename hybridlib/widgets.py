@@ -157,8 +157,13 @@ def _run_option(info: dict[str, Any]) -> str:
 
 
 class PredictWidget(w.VBox):
-    """Run picker, text box, Predict button, examples, label + probability bars, highlighted explanation;
-    ``last``: the last explanation dict (or None)."""
+    """Run picker, text box, Predict button, examples, label + probability bars, highlighted explanation (display
+    it, or drive it: ``wd.text.value = "..."; wd.button.click()``; ``wd.last``: the last explanation dict).
+
+    runs_root: folder of runs for the picker (default $HYBRIDLIB_OUTPUTS, else outputs/); run_dir: the run to
+    select (added to the picker if it is elsewhere); examples: texts for the example buttons (default: by the
+    run's dataset); device: "cpu" or "cuda"; method: "gradient" (gradient × input, fast) or "occlusion".
+    """
 
     def __init__(self, runs_root: str | Path | None = None, run_dir: str | Path | None = None,
                  examples: list[str] | None = None, device: str = "cpu", method: str = "gradient"):
@@ -298,14 +303,4 @@ class PredictWidget(w.VBox):
         return None
 
 
-def make_predict_widget(runs_root: str | Path | None = None, run_dir: str | Path | None = None,
-                        examples: list[str] | None = None, device: str = "cpu",
-                        method: str = "gradient") -> PredictWidget:
-    """The prediction widget (display it, or drive it: ``wd.text.value = "..."; wd.button.click()``).
-
-    runs_root: folder of runs for the picker (default $HYBRIDLIB_OUTPUTS, else outputs/); run_dir: the
-    run to select (added to the picker if it is elsewhere); examples: texts for the example buttons
-    (default: chosen by the run's dataset); device: "cpu" or "cuda"; method: "gradient" (gradient ×
-    input, fast) or "occlusion" for the explanation.
-    """
-    return PredictWidget(runs_root=runs_root, run_dir=run_dir, examples=examples, device=device, method=method)
+make_predict_widget = PredictWidget  # the name the notebooks and docs use
