@@ -187,11 +187,9 @@ class _KernelManager(AsyncKernelManager):
 
 
 class _CtrlC:
-    """SIGINT while the notebooks run. The first Ctrl-C interrupts the kernel (jupyter_client starts it in a
-    session of its own, so the terminal's Ctrl-C does not reach it): its cell stops with KeyboardInterrupt,
-    finally blocks run (no half-written file), papermill saves the notebook and shuts the idle kernel down.
-    Between cells, with no kernel, or at a second Ctrl-C: KeyboardInterrupt here (nbclient then shuts the kernel
-    down, killing it if it does not stop)."""
+    """SIGINT while the notebooks run. The first Ctrl-C interrupts the kernel (in a session of its own, the terminal's
+    Ctrl-C does not reach it), so its cell stops cleanly; between cells, without a kernel or at a second Ctrl-C:
+    KeyboardInterrupt here (nbclient then shuts the kernel down)."""
 
     def __init__(self) -> None:
         self.pressed = 0

@@ -1,8 +1,5 @@
-"""One writer per run: ``run.lock`` in the run folder, held by the process that writes the run.
-
-An OS lock (``flock``) on that file, so a holder that died holds nothing; the file also holds a record of the
-holder (pid, host, since when, command) for the message that refuses a second writer.
-"""
+"""One writer per run: an OS lock (``flock``, so a holder that died holds nothing) on ``run.lock`` in the run
+folder, which also records the holder (pid, host, since when, command) for the message that refuses a second."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Run folders: creating and checking one, finding the finished ones, and their history and metrics.
-
-What a run folder holds, and how its files are written: :mod:`hybridlib.files`.
-"""
+"""Run folders: creating and checking one, finding the finished ones, and their history and metrics."""
 
 from __future__ import annotations
 

@@ -220,10 +220,8 @@ def adversarial_perturbation(grad: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def train_step(loop: Loop, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimisation step on ``batch`` (``hybridlib.bench`` times this too). Returns (joint-head loss, logits,
-    labels). On CPU, when the loss is not finite nothing is updated and the caller decides what to do. On CUDA
-    that check would wait for the GPU at every step, so the step goes on (the weights may become non-finite) and
-    :func:`train_epoch`'s check, every ``SYNC_EVERY`` steps, stops the run before anything is saved."""
+    """One optimisation step; (joint-head loss, logits, labels). A non-finite loss: on CPU nothing is updated; on
+    CUDA (where the check would wait for the GPU) the step goes on and :func:`train_epoch`'s check stops the run."""
     cfg, device, scaler = loop.cfg, loop.device, loop.scaler
     cuda = device.type == "cuda"
     host_lengths = batch["attention_mask"].sum(dim=1) if cuda else None
@@ -255,9 +253,8 @@ SYNC_EVERY = 20  # CUDA: steps between reads of the running loss and accuracy (a
 
 
 class RunningSums:
-    """An epoch's loss and accuracy sums. Each step's values stay on the device until :meth:`read`, which reads all
-    pending ones at once (on CUDA a read waits for the GPU) and adds them up on the host in step order, so the sums
-    are exactly those of reading after every step."""
+    """An epoch's loss and accuracy sums: the steps' values stay on the device until :meth:`read` reads them at once
+    and adds them up in step order (the same sums as reading after every step)."""
 
     def __init__(self) -> None:
         self.sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
@@ -286,10 +283,8 @@ class RunningSums:
 
 
 def train_epoch(loop: Loop, batches) -> tuple[float, float]:
-    """One pass over ``batches`` (a tqdm bar over the loader); (mean loss, accuracy) over all ranks.
-
-    The loss and accuracy are read after every step on CPU, every ``SYNC_EVERY`` steps on CUDA (a read waits for
-    the GPU); a non-finite loss stops the run at that read, naming the step it came from."""
+    """One pass over ``batches``; (mean loss, accuracy) over all ranks. Read after every step on CPU, every
+    ``SYNC_EVERY`` steps on CUDA (a read waits for the GPU); a non-finite loss stops the run, naming its step."""
     loop.net.train()
     every = SYNC_EVERY if loop.device.type == "cuda" else 1
     running = RunningSums()
