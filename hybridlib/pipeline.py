@@ -97,17 +97,13 @@ def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Pa
                     kernel_manager_class=_KernelManager,
                     on_cell_execute=ctrl_c.before_cell,
                 )
-            except PapermillExecutionError as e:
-                if ctrl_c.pressed or e.ename == "KeyboardInterrupt":
-                    raise Interrupted(interrupted_message(run_dir, name)) from None
-                raise notebook_error(e, name, run_dir) from None
-            except DeadKernelError:
-                if ctrl_c.pressed:
-                    raise Interrupted(interrupted_message(run_dir, name)) from None
-                raise RunError(dead_kernel_message(run_dir, name, _KernelManager.latest)) from None
             except (Exception, KeyboardInterrupt) as e:
-                if ctrl_c.pressed or isinstance(e, KeyboardInterrupt):
+                if ctrl_c.pressed or isinstance(e, KeyboardInterrupt) or getattr(e, "ename", "") == "KeyboardInterrupt":
                     raise Interrupted(interrupted_message(run_dir, name)) from None
+                if isinstance(e, PapermillExecutionError):
+                    raise notebook_error(e, name, run_dir) from None
+                if isinstance(e, DeadKernelError):
+                    raise RunError(dead_kernel_message(run_dir, name, _KernelManager.latest)) from None
                 raise
             finally:
                 _KernelManager.latest = None

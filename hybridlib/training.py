@@ -181,9 +181,8 @@ def make_optimization(model: torch.nn.Module, cfg: Config, total_steps: int, amp
 def step_losses(loop: Loop, ids, mask, y, host_lengths=None):
     """(joint-head loss, loss to optimise, logits) of one forward pass; the second adds ``branch_aux_loss``.
     ``host_lengths``: the texts' lengths on the CPU (CUDA: spares the packed LSTM a wait for the GPU)."""
-    extra = {} if host_lengths is None else {"host_lengths": host_lengths}
     with autocast(loop.device, loop.amp_dtype):
-        logits, aux = loop.net(ids, mask, with_aux=True, **extra)
+        logits, aux = loop.net(ids, mask, with_aux=True, host_lengths=host_lengths)
     loss = F.cross_entropy(logits.float(), y)
     total = loss
     if aux:  # branch_aux_loss: each branch's own classifier learns too

@@ -42,6 +42,8 @@ NEGATIVE = (215, 58, 73)   # pushed away from it: red
 BAR = "#4c72b0"
 BAR_TOP = "#dd8452"
 MAX_SHOWN_CHARS = 20_000   # longer texts are shown elided around what the model read
+NO_RUNS = ("No finished run under {root} yet: nothing to predict with. Train one first (notebook 02_training, or "
+           "`hybridlib run params/imdb.yaml`), then press ↻.")
 
 
 def examples_for(dataset: str | None) -> list[str]:
@@ -224,8 +226,7 @@ class PredictWidget(w.VBox):
         self.run_picker.observe(self._on_run_change, names="value")
         self.run_picker.disabled = not keys
         if not keys:
-            self._show(f"No finished run under {self.runs_root} yet. Train one first (notebook 02_training, or "
-                       f"`hybridlib run params/imdb.yaml`), then press ↻.", "warning")
+            self._show(NO_RUNS.format(root=self.runs_root), "warning")
         elif self.message.value and "No finished run" in self.message.value:
             self._show("")
         self._set_examples()
@@ -271,9 +272,7 @@ class PredictWidget(w.VBox):
         try:
             if not self.run_picker.value:
                 self.result.value = self.explanation.value = ""
-                self._show(f"No finished run under {self.runs_root} yet: nothing to predict with. Train one "
-                           f"first (notebook 02_training, or `hybridlib run params/imdb.yaml`), then press ↻.",
-                           "warning")
+                self._show(NO_RUNS.format(root=self.runs_root), "warning")
                 return None
             text = self.text.value
             if not text.strip():
@@ -292,12 +291,10 @@ class PredictWidget(w.VBox):
             self.last = out
             self._show("")
             return out
-        except HybridlibError as e:
-            self.result.value = self.explanation.value = ""
-            self._show(str(e), "error")
         except Exception as e:  # shown, not raised: a traceback in a widget callback is lost in the log
             self.result.value = self.explanation.value = ""
-            self._show(f"Prediction failed ({type(e).__name__}: {e}).", "error")
+            self._show(str(e) if isinstance(e, HybridlibError) else f"Prediction failed ({type(e).__name__}: {e}).",
+                       "error")
         finally:
             self.button.disabled = False
         return None
