@@ -71,10 +71,8 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
-    if precision == "fp32":
-        return None
     native_bf16 = precision == "auto" and (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16())
-    return precision_policy(precision, device.type, native_bf16).autocast_dtype
+    return autocast_dtype(precision, device.type, native_bf16)
 
 
 # ----------------------------------------------------------------------------- precision and the LSTM's path
@@ -83,18 +81,6 @@ CUDA_PAD_MULTIPLE = 64  # batch lengths on CUDA: multiples of this (at most 8 sh
 LSTM_PATHS = ("padded", "packed")
 LSTM_PATH_ENV = "HYBRIDLIB_LSTM_PATH"  # padded | packed: force one path (measurements, tests)
 LSTM_AUTOCAST_ENV = "HYBRIDLIB_LSTM_AUTOCAST"  # 1: the LSTM runs under autocast on CUDA too (measurements)
-
-
-@dataclass(frozen=True)
-class PrecisionPolicy:
-    """How one run computes: the autocast dtype of the model (None: fp32) and whether its LSTM runs under it."""
-
-    autocast_dtype: torch.dtype | None
-    lstm_autocast: bool
-
-    @property
-    def lstm_dtype(self) -> torch.dtype:
-        return self.autocast_dtype if self.autocast_dtype is not None and self.lstm_autocast else torch.float32
 
 
 def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None) -> bool:
@@ -106,23 +92,18 @@ def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None) -> bool:
     return device_type != "cuda" or os.environ.get(LSTM_AUTOCAST_ENV, "") == "1"
 
 
-def precision_policy(precision: str, device_type: str, native_bf16: bool) -> PrecisionPolicy:
-    """The :class:`PrecisionPolicy` of ``precision`` (auto, fp32, bf16, fp16) on ``device_type``, where
+def autocast_dtype(precision: str, device_type: str, native_bf16: bool) -> torch.dtype | None:
+    """The model's autocast dtype for ``precision`` (auto, fp32, bf16, fp16) on ``device_type`` (None: fp32), where
     ``native_bf16`` says whether the device computes in bf16 natively (a pure function: tests call it on CPU)."""
     if precision == "fp32":
-        dtype = None
-    elif device_type == "cuda":
+        return None
+    if device_type == "cuda":
         if precision == "auto":
-            dtype = torch.bfloat16 if native_bf16 else torch.float16
-        else:
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    elif precision == "fp16":
+            return torch.bfloat16 if native_bf16 else torch.float16
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16":
         raise ConfigError("Parameter 'precision': fp16 needs CUDA; on CPU use auto, bf16 or fp32.")
-    elif precision == "bf16" or (precision == "auto" and native_bf16):
-        dtype = torch.bfloat16
-    else:
-        dtype = None
-    return PrecisionPolicy(dtype, lstm_autocast(device_type, dtype))
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and native_bf16) else None
 
 
 def lstm_path(device_type: str) -> str:
