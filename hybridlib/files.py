@@ -37,9 +37,6 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _TORCH_SHORT_WRITE = ("inline_container", "PytorchStreamWriter")
 
 
-# ----------------------------------------------------------------------------- writing files safely
-
-
 def atomic_write(path: str | Path, write: Callable[[str], None], size: int | None = None) -> None:
     """Call ``write(tmp_path)``, then rename over ``path``: a crash never leaves a half-written file, a full disk
     raises :func:`disk_full_message`'s RunError and leaves ``path`` as it was. ``size``: checked against the free space first."""
@@ -145,9 +142,6 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-# ----------------------------------------------------------------------------- a full disk
 
 
 def is_disk_full(e: BaseException) -> bool:

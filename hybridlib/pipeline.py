@@ -258,9 +258,6 @@ def resume(run_dir: str | Path, notebooks_dir=None, progress=True) -> Path:
     return run_dir
 
 
-# ----------------------------------------------------------------------------- training only (torchrun)
-
-
 def train_only(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None
                ) -> tuple[TrainResult | None, Path]:
     """Train (no notebooks) a new run, or the run whose params.yaml is given; under torchrun (RANK set) as one

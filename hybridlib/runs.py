@@ -27,9 +27,6 @@ from hybridlib.locations import project_root
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
 
-# ----------------------------------------------------------------------------- run folders
-
-
 def outputs_root() -> Path:
     """Where runs go: $HYBRIDLIB_OUTPUTS, else <project>/outputs."""
     return Path(os.environ.get("HYBRIDLIB_OUTPUTS") or project_root() / "outputs")
@@ -85,9 +82,6 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
             )
 
 
-# ----------------------------------------------------------------------------- finding runs
-
-
 def list_runs(root: Path | None = None) -> list[dict[str, Any]]:
     """Finished runs (with model.pt) under ``root``, newest first, with dataset and test accuracy."""
     root = root or outputs_root()
@@ -113,9 +107,6 @@ def latest_run(root: Path | None = None) -> Path:
             f"No finished run under {root or outputs_root()}. Train one first (02_training or `hybridlib run`)."
         )
     return runs[0]["run_dir"]
-
-
-# ----------------------------------------------------------------------------- history and metrics
 
 
 def write_history(history: list[dict[str, float]], run_dir: str | Path) -> None:

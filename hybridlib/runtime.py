@@ -75,8 +75,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return autocast_dtype(precision, device.type, native_bf16)
 
 
-# ----------------------------------------------------------------------------- precision and the LSTM's path
-
 CUDA_PAD_MULTIPLE = 64  # batch lengths on CUDA: multiples of this (at most 8 shapes at 512 tokens)
 LSTM_PATHS = ("padded", "packed")
 LSTM_PATH_ENV = "HYBRIDLIB_LSTM_PATH"  # padded | packed: force one path (measurements, tests)

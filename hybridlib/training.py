@@ -323,9 +323,6 @@ def validate(model, ds, cfg: Config, pad_id: int, threads: CPUThreads | None = N
     return loss_sum / n, correct / n
 
 
-# ----------------------------------------------------------------------------- checkpoints, resume, logging
-
-
 def epoch_line(row: dict[str, float], improved: bool) -> str:
     return (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} train_acc {row['train_accuracy']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} ({row['seconds']:.1f}s)"

@@ -54,9 +54,6 @@ def examples_for(dataset: str | None) -> list[str]:
     return EXAMPLES[""]
 
 
-# ----------------------------------------------------------------------------- HTML rendering
-
-
 def _message_html(text: str, kind: str = "info") -> str:
     colour = {"info": "#31708f", "warning": "#8a6d3b", "error": "#a94442"}[kind]
     back = {"info": "#eef6fb", "warning": "#fcf8e3", "error": "#f2dede"}[kind]
@@ -149,9 +146,6 @@ def render_explanation(text: str, explanation: dict[str, Any], top_k: int = 5) -
     )
 
 
-# ----------------------------------------------------------------------------- the widget
-
-
 def _run_option(info: dict[str, Any]) -> str:
     acc = info.get("test_accuracy")
     acc_text = f"test acc {acc:.3f}" if isinstance(acc, (int, float)) else "not evaluated"
@@ -204,7 +198,6 @@ class PredictWidget(w.VBox):
         self.add_class("hl-predict-widget")
         self.refresh_runs(select=run_dir)
 
-    # -------------------------------------------------------------- runs
     def refresh_runs(self, select: str | Path | None = None) -> None:
         """Re-read the runs under ``runs_root`` (newest first); keep or set the selection."""
         try:
@@ -262,7 +255,6 @@ class PredictWidget(w.VBox):
             self._predictors[key] = predictor
         return self._predictors[key]
 
-    # -------------------------------------------------------------- predict
     def _show(self, text: str, kind: str = "info") -> None:
         self.message.value = _message_html(text, kind) if text else ""
 
