@@ -24,17 +24,14 @@ def save_figure(fig, path: str | Path | None):
 def plot_curves(history: list[dict[str, float]], path: str | Path | None = None, title: str = ""):
     """Train/validation loss and accuracy per epoch (the best epoch marked)."""
     epochs = [int(r["epoch"]) for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
-    ax_acc.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="validation")
-    if history:
-        best = max(history, key=lambda r: r["val_accuracy"])
-        ax_acc.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best (epoch {int(best['epoch'])})")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
-    for ax in (ax_loss, ax_acc):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation")
+        if key == "accuracy" and history:
+            best = max(history, key=lambda r: r["val_accuracy"])
+            ax.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best (epoch {int(best['epoch'])})")
+        ax.set(xlabel="epoch", ylabel=key, title=key.capitalize())
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
