@@ -70,20 +70,19 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run; the message says where the run stands and how to continue it."""
 
 
-def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Path | None = None,
-            extra: dict[str, Any] | None = None, progress: bool = True) -> None:
+def execute(run_dir: Path, notebooks_dir: Path | None = None, extra: dict[str, Any] | None = None,
+            progress: bool = True) -> None:
     """Run each notebook with ``params_file=<run>/params.yaml``, saving the executed copy in the run. With
     ``progress``, what the cells print (the epoch lines, text progress bars) is streamed to this terminal.
     Ctrl-C: the kernel is interrupted and shut down, then :class:`Interrupted` is raised."""
     nb_dir = notebooks_dir or project_root() / "notebooks"
-    names = notebooks or NOTEBOOKS
     _write_notebooks_atomically(run_dir)
     with _CtrlC() as ctrl_c, child_env({PROGRESS_ENV: "text"} if progress else {}):
-        for i, name in enumerate(names, 1):
+        for i, name in enumerate(NOTEBOOKS, 1):
             src = nb_dir / name
             if not src.is_file():
                 raise RunError(f"Notebook {src} not found; run from the project folder or pass --notebooks DIR.")
-            print(f"[hybridlib] {i}/{len(names)} {name} -> {run_dir / name}", file=sys.stderr, flush=True)
+            print(f"[hybridlib] {i}/{len(NOTEBOOKS)} {name} -> {run_dir / name}", file=sys.stderr, flush=True)
             try:
                 pm.execute_notebook(
                     str(src),

@@ -55,7 +55,7 @@ class TrainState:
 @dataclass
 class Loop:
     """Everything a training step and epoch work with. ``net`` is ``model`` or its DDP wrapper (forward passes
-    go through it); ``averaged``: the weight average (``swa_start``); ``run_dir``: None outside a run (the bench)."""
+    go through it); ``averaged``: the weight average (``swa_start``); ``run_dir``: None outside a run (benchmarks/bench.py)."""
 
     cfg: Config
     model: HybridClassifier
