@@ -168,7 +168,6 @@ class PredictWidget(w.VBox):
         self._predictors: dict[str, Any] = {}
         self._runs: dict[str, dict[str, Any]] = {}
         self.last: dict[str, Any] | None = None
-        self.last_seconds: float | None = None
 
         self.run_picker = w.Dropdown(description="Run", layout=w.Layout(width="640px"),
                                      style={"description_width": "40px"})
@@ -279,7 +278,6 @@ class PredictWidget(w.VBox):
             out = predictor.explain(text, method=self.method)
             self.result.value = render_probabilities(out, time.perf_counter() - start)
             self.explanation.value = render_explanation(text, out)
-            self.last_seconds = time.perf_counter() - start
             self.last = out
             self._show("")
             return out
