@@ -44,7 +44,6 @@ from hybridlib.runtime import (
     CUDA_PAD_MULTIPLE,
     LSTM_AUTOCAST_ENV,
     LSTM_PATH_ENV,
-    PrecisionPolicy,
     cpu_supports_bf16,
     dist_info,
     lstm_autocast,
@@ -96,13 +95,13 @@ def _say(progress: bool, msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def precision_names(policy: PrecisionPolicy, device_type: str) -> dict[str, str]:
-    """{"precision": ..., "lstm_precision": ...} of ``policy`` for the report, e.g. bf16 and "fp32 (TF32)"."""
+def precision_names(amp_dtype: torch.dtype | None, device_type: str) -> dict[str, str]:
+    """{"precision": ..., "lstm_precision": ...} of ``amp_dtype`` for the report, e.g. bf16 and "fp32 (TF32)"."""
     name = {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    lstm = name[policy.lstm_dtype]
+    lstm = name[amp_dtype if lstm_autocast(device_type, amp_dtype) else torch.float32]
     if lstm == "fp32" and device_type == "cuda":
         lstm = "fp32 (TF32)" if torch.backends.cudnn.allow_tf32 else "fp32"
-    return {"precision": name[policy.autocast_dtype], "lstm_precision": lstm}
+    return {"precision": name[amp_dtype], "lstm_precision": lstm}
 
 
 def cuda_settings() -> dict[str, Any]:
@@ -380,8 +379,7 @@ def run_benchmark(cfg: Config, params: str | Path | None = None, **options: Any)
         "max_length": cfg.max_length,
         "precision": str(b.amp_dtype).replace("torch.", "") if b.amp_dtype else "fp32",
         "lstm_path": lstm_path(device.type) if uses_lstm else None,
-        "lstm_precision": precision_names(PrecisionPolicy(b.amp_dtype, lstm_autocast(device.type, b.amp_dtype)),
-                                          device.type)["lstm_precision"] if uses_lstm else None,
+        "lstm_precision": precision_names(b.amp_dtype, device.type)["lstm_precision"] if uses_lstm else None,
         "pad_multiple": CUDA_PAD_MULTIPLE if device.type == "cuda" else 1,
         "overrides_env": {k: os.environ[k] for k in (LSTM_PATH_ENV, LSTM_AUTOCAST_ENV) if os.environ.get(k)},
         "machine": machine_info(device),

@@ -1,10 +1,5 @@
-"""Checkpoints: plain dicts of tensors and plain types, written atomically and loaded with
-``torch.load(..., weights_only=True)``: a file that would need to run code to unpickle is refused.
-
-``model.pt``: ``format_version``, ``model`` (state dict), ``config`` (the data and model groups of the
-Config: what rebuilds the model and its tokenization), ``label_names``, ``tokenizer``, ``epoch``,
-``best_metric``. ``last.pt`` adds ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``history``,
-``best_epoch`` and ``bad_epochs``.
+"""Checkpoints (model.pt, last.pt; their keys: docs/architecture.md, "The run folder"): plain dicts of tensors and
+plain types, written atomically and loaded with ``weights_only=True``, so a file that would run code is refused.
 """
 
 from __future__ import annotations

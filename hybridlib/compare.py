@@ -103,10 +103,7 @@ def plot_val_curves(runs: list[dict], path: str | Path | None = None):
     ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy by run")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path:
-        save_figure(fig, path)
-    return fig
+    return save_figure(fig, path)
 
 
 def write_comparison(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[pd.DataFrame, list[Path]]:

@@ -1,16 +1,5 @@
-"""All parameters of a run: one flat, typed, documented dataclass.
-
-Every field belongs to one group (its ``group`` metadata):
-
-- ``data``: which texts, labels and splits, and how they become token ids (the tokenizer facts);
-- ``model``: the architecture, all that :func:`hybridlib.model.build_model` needs to rebuild it;
-- ``training``: optimisation, initialisation, regularisation, the seed;
-- ``machine``: where and how fast it runs (never changes what is learned beyond float rounding);
-- ``run``: where artifacts go and what the pipeline does.
-
-A params file (YAML) sets any subset of the fields; the rest keep their defaults. ``load_config``
-validates every key and value and raises :class:`ConfigError` naming the key and the fix.
-"""
+"""All parameters of a run: one flat, typed dataclass, each field with its group (data, model, training, machine,
+run: docs/architecture.md, "Modules"), help text and constraints; ``load_config`` is the one way to build it."""
 
 from __future__ import annotations
 
@@ -45,10 +34,8 @@ LAST_VERSION_WITH = {"branch_norm": V0_1_0, "ema_decay": V0_1_0, "unseen_embeddi
 
 
 def _f(default: Any, group: str, help: str, **meta: Any) -> Any:
-    """A dataclass field with its group, help text and constraints (min, max, choices, ...).
-
-    Extra flags: ``location`` (a path or name that differs between machines, not part of an experiment),
-    ``repeat`` (varies between repeats of one experiment: the seed)."""
+    """A dataclass field with its group, help text and constraints (min, max, choices, ...); ``location``: differs
+    between machines, ``repeat``: between repeats of one experiment (neither is part of an experiment)."""
     assert group in GROUPS, group
     meta = {"group": group, "help": help, **meta}
     if isinstance(default, list):
@@ -373,12 +360,8 @@ def fit_to_epochs(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 overrides_dir: str | Path | None = None, base: dict[str, Any] | None = None) -> Config:
-    """The validated Config of a params file (optional) with ``overrides`` on top: the one way to build a Config.
-
-    Relative paths in the file are taken from the project root, those in ``overrides`` from ``overrides_dir``
-    (default: the cwd). ``base``: values under the file's (e.g. a checkpoint's), validated the same way. An
-    override of ``epochs`` alone is never refused (:func:`fit_to_epochs`); a combination contradictory in itself is.
-    """
+    """The validated Config of ``base`` (e.g. a checkpoint's values), a params file (paths from the project root)
+    and ``overrides`` (paths from ``overrides_dir``, default the cwd), each on top of the one before."""
     values = validate(base or {}, source="checkpoint")
     if path is not None:
         values.update(resolve_paths(validate(read_params_file(path), source=str(path)), project_root()))

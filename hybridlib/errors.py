@@ -1,8 +1,5 @@
-"""Errors a user can act on. Each message names the problem and the fix.
-
-In Jupyter they are shown as one paragraph instead of a traceback (``_render_traceback_``
-is the IPython hook for that); the CLI prints them the same way and exits non-zero.
-"""
+"""Errors a user can act on, each message naming the problem and the fix; Jupyter shows them as one paragraph
+(``_render_traceback_``, IPython's hook), the CLI prints them the same way and exits non-zero."""
 
 
 class HybridlibError(Exception):

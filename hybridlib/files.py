@@ -1,13 +1,6 @@
-"""The files of a run folder: their names, and writing them safely.
-
-``outputs/<run_name>/`` holds ``params.yaml`` (the run's resolved params), the executed notebooks,
-``tokenizer/``, ``model.pt`` (best epoch), ``last.pt`` (every epoch, for resume), ``training_log.csv``,
-``train_info.json``, ``metrics.json``, ``classification_report.txt``, the figures and ``tfidf_logreg.npz``;
-``run.lock`` while a process writes it (:func:`hybridlib.runlock.run_lock`: one writer per run).
-
-Every file is written atomically (temp file, fsync, rename); a full disk raises a RunError that names the folder,
-the space needed and the space free, and leaves the previous files intact (:func:`atomic_write`). The names live
-here because a disk-full message tells a run folder (one with ``params.yaml``) from any other.
+"""The files of a run folder (docs/architecture.md, "The run folder"): their names, and writing them atomically
+(temp file, fsync, rename), with one clear RunError for a full disk. The names live here because a disk-full
+message tells a run folder (one with ``params.yaml``) from any other.
 """
 
 from __future__ import annotations
@@ -44,15 +37,9 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _TORCH_SHORT_WRITE = ("inline_container", "PytorchStreamWriter")
 
 
-# ----------------------------------------------------------------------------- writing files safely
-
-
 def atomic_write(path: str | Path, write: Callable[[str], None], size: int | None = None) -> None:
-    """Call ``write(tmp_path)``, then rename over ``path``: a crash never leaves a half-written file.
-
-    A full disk raises a RunError naming the folder, the space needed and free (:func:`disk_full_message`), and
-    ``path`` keeps its previous content. ``size`` (bytes, if known) is checked against the free space first.
-    """
+    """Call ``write(tmp_path)``, then rename over ``path``: a crash never leaves a half-written file, a full disk
+    raises :func:`disk_full_message`'s RunError and leaves ``path`` as it was. ``size``: checked against the free space first."""
     path = Path(path)
     with refused_as_run_error(path.parent, f"write {path.name} in"):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,9 +142,6 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-# ----------------------------------------------------------------------------- a full disk
 
 
 def is_disk_full(e: BaseException) -> bool:

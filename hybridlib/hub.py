@@ -15,15 +15,9 @@ HUB_TIMEOUT_S = 3.0
 
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """True if the Hugging Face hub answers an HTTP HEAD request within ``timeout`` (and offline mode is off).
-
-    HTTP rather than a bare TCP connect: it goes through $HTTPS_PROXY like the hub clients do (a proxy-only
-    network is online), and a middlebox that accepts connections but never answers (or answers with a
-    certificate that is not the hub's) counts as offline instead of costing the clients' long retries.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ).lower() not in ("0", "false", ""):
+    """True if the Hugging Face hub answers an HTTP HEAD request within ``timeout`` (and offline mode is off). HTTP,
+    not a TCP connect: it goes through $HTTPS_PROXY as the hub clients do, and a middlebox that never answers is offline."""
+    if any(os.environ.get(k, "0").lower() not in ("0", "false", "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False
     url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/") + "/"
     result: list[bool] = []

@@ -1,17 +1,8 @@
-"""The CNN ∥ BiLSTM text classifier.
+"""The CNN ∥ BiLSTM text classifier (drawn in the README).
 
-token ids → shared embedding → [BiLSTM → masked max/mean pooling] ∥ [multi-kernel CNN → ReLU →
-masked max-over-time] → concat → dropout → MLP → logits.
-
-Padding never reaches the pooled features: pad embeddings are zeroed, the backward LSTM reads
-each sequence's real tokens reversed in place (pads stay at the end, so they are read after
-every real token and change nothing that is pooled), pooling masks pad positions, and the CNN
-only pools windows that start at or before ``max(length - k, 0)``. (Packed sequences would do the
-same for the LSTM but have no oneDNN path on CPU.)
-
-On CUDA the BiLSTM runs as one cuDNN bidirectional call over packed sequences instead, with the same
-parameters (``lstm.fwd.i`` / ``lstm.bwd.i``), so checkpoints move between the two paths unchanged; and
-outside autocast (fp32, TF32 tensor cores): ``hybridlib.runtime.lstm_path`` and ``lstm_autocast``.
+Padding never reaches the pooled features: pad embeddings are zeroed, the backward LSTM reads each text
+reversed in place (pads stay at the end, read after every real token), pooling masks pads, and the CNN pools
+only windows that start inside the text.
 """
 
 from __future__ import annotations
@@ -42,15 +33,10 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class BiLSTMBranch(nn.Module):
-    """Stacked bidirectional LSTM built from one-directional LSTMs, so padding is never read first.
-
-    Two implementations of the same function over the same parameters (``path``; None: by device, see
-    :func:`hybridlib.runtime.lstm_path`): "padded", the one-directional LSTMs ``fwd[i]`` and ``bwd[i]`` over the
-    padded batch, ``bwd`` on each text reversed in place (oneDNN, CPU); "packed", one bidirectional LSTM call
-    over packed sequences with the weights of ``fwd[i]`` and ``bwd[i]`` as its two directions (cuDNN, CUDA: one
-    kernel sequence instead of two LSTMs and four gathers). On CUDA, where :func:`hybridlib.runtime.lstm_autocast`
-    says so, the LSTM runs outside the surrounding autocast, in fp32.
-    """
+    """Stacked bidirectional LSTM built from one-directional LSTMs ``fwd[i]``, ``bwd[i]``, so padding is never read
+    first. Two paths over the same weights (:func:`hybridlib.runtime.lstm_path`): "padded" (CPU: ``bwd`` on each
+    text reversed in place) and "packed" (CUDA: one cuDNN bidirectional call with ``fwd[i]``, ``bwd[i]`` as its
+    directions), so checkpoints move between them unchanged."""
 
     def __init__(self, input_dim: int, hidden: int, layers: int, pooling: str, dropout: float):
         super().__init__()
@@ -238,20 +224,12 @@ class HybridClassifier(nn.Module):
                 and x.device.type == "cpu" and not torch.is_grad_enabled() and torch.get_num_threads() == 1
                 and (os.cpu_count() or 1) > 1)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The concatenated pooled branch features (before dropout and the MLP)."""
-        return torch.cat(list(self.branch_features(input_ids, attention_mask).values()), dim=-1)
-
-    def classify(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (B, C) of the joint head from the branch features."""
-        return self.head(torch.cat(list(parts.values()), dim=-1))
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, with_aux: bool = False,
                 host_lengths: torch.Tensor | None = None):
         """Logits (B, C); with ``with_aux``, (logits, {branch: logits of its auxiliary head}) ({} without them).
         ``host_lengths``: as in :meth:`branch_features`."""
         parts = self.branch_features(input_ids, attention_mask, host_lengths)
-        logits = self.classify(parts)
+        logits = self.head(torch.cat(list(parts.values()), dim=-1))
         if not with_aux:
             return logits
         return logits, {name: head(parts[name]) for name, head in self.aux_heads.items()}

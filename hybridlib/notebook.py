@@ -1,23 +1,7 @@
-"""The notebooks' parameters, read by name from the notebook's namespace.
-
-A notebook's parameters are the names its ``parameters`` cell defines and those papermill injects
-right after it (``-p``/``-f``): ``params_file``, ``run_dir`` and any field of
-:class:`hybridlib.config.Config` (``epochs``, ``device``, ...). A notebook passes ``globals()`` to
-:func:`notebook_config` (01, 02) or :func:`notebook_run` (03, 04, 05), which look up exactly those
-names, every time they are called. Nothing else in the namespace counts: scratch variables
-(``x = 5``), results (``out``), imports and private names are ignored, nothing is remembered
-between calls, so re-running a cell, or "Run All" again in the same kernel, gives the same Config.
-
-Rules:
-
-- A parameter that is defined overrides, even when it is None: ``max_train_samples = None`` uses all
-  texts even if the params file sets a limit, and ``run_dir = None`` means a new run folder (01, 02)
-  or the newest finished run (03-05, which print the one they picked).
-- Relative paths (``params_file``, ``run_dir``, ``data_dir``, an embeddings file, a tokenizer folder)
-  are taken from the project root, so the same values work in JupyterLab, papermill and the CLI.
-- Values are validated like a params file's; a variable of your own that happens to be named like a
-  Config field is read as that parameter (and rejected with a message if its value does not fit), so
-  notebook code never assigns a parameter name (tests/test_notebooks.py checks the notebooks).
+"""The notebooks' parameters, read by name from the notebook's namespace (docs/architecture.md, "The notebooks
+are the source"): ``params_file`` and the Config fields, looked up at every call, so re-running a cell gives the
+same Config. A defined parameter overrides even when None; any other variable is ignored, and a variable named
+like a Config field is read as that parameter (tests/test_notebooks.py checks that notebooks never assign one).
 """
 
 from __future__ import annotations
@@ -31,8 +15,6 @@ from hybridlib.errors import ConfigError, RunError
 from hybridlib.files import PARAMS_FILE
 from hybridlib.locations import project_root, resolve_paths
 from hybridlib.runs import latest_run, outputs_root
-
-__all__ = ["PARAMETER_NAMES", "notebook_config", "notebook_run", "notebook_parameters"]
 
 #: Every name a notebook reads as a parameter: ``params_file`` and the Config fields (``run_dir`` is one).
 PARAMETER_NAMES: tuple[str, ...] = ("params_file", *FIELDS)
@@ -83,11 +65,8 @@ def _describe(values: dict[str, Any]) -> str:
 
 
 def notebook_config(namespace: dict[str, Any]) -> Config:
-    """The validated Config of a data or training notebook (01, 02), from its parameters.
-
-    Starts from ``params_file`` (None: $HYBRIDLIB_PARAMS, else the Config defaults), then every Config
-    field defined in ``namespace`` overrides (None included; ``run_dir = None``: a new run folder).
-    """
+    """The Config of a data or training notebook (01, 02): ``params_file`` (None: $HYBRIDLIB_PARAMS, else the
+    defaults) with the Config fields defined in ``namespace`` on top."""
     root = project_root()
     params_file, source = _params_file(namespace, root)
     overrides = notebook_parameters(namespace)
@@ -97,14 +76,8 @@ def notebook_config(namespace: dict[str, Any]) -> Config:
 
 
 def notebook_run(namespace: dict[str, Any]) -> tuple[Config, Path]:
-    """(Config, run folder) of a trained run, for the notebooks that read one (03, 04, 05).
-
-    The run is ``run_dir`` (relative: from the project root); only when ``run_dir`` is None (or not
-    defined) the newest finished run under the outputs folder, and the printed line says which. The
-    Config is the run's own params.yaml with the other Config fields defined in ``namespace`` on top
-    (e.g. ``device``, ``num_threads``), ``run_dir`` set to the run and ``resume`` False.
-    ``params_file`` is not read: the run's params.yaml is.
-    """
+    """(Config, run folder) for the notebooks that read a trained run (03, 04, 05): ``run_dir`` (None: the newest
+    finished run), its params.yaml with the other Config fields defined in ``namespace`` on top, ``resume`` False."""
     root = project_root()
     overrides = notebook_parameters(namespace)
     run_dir = overrides.pop("run_dir", None)

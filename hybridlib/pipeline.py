@@ -1,9 +1,5 @@
-"""Runs end to end: validate params and create the run folder, then execute the numbered notebooks with
-papermill into it (``run``, ``resume``); or train it under torchrun (``train_distributed``).
-
-The pipeline holds the run's lock (:func:`hybridlib.runlock.run_lock`) while it runs; the notebook kernels it
-starts write under it. Ctrl-C interrupts the running kernel, shuts it down and raises :class:`Interrupted`, whose
-message says where the run stands and how to resume it. Executed notebooks are written atomically.
+"""Runs end to end: create the run folder, then execute the numbered notebooks into it with papermill (``run``,
+``resume``), holding the run's lock; Ctrl-C stops the kernel and says how to resume. Or train only (``train_only``).
 """
 
 from __future__ import annotations
@@ -14,8 +10,6 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,7 +36,7 @@ from hybridlib.files import (
     write_text,
 )
 from hybridlib.locations import project_root
-from hybridlib.runlock import run_lock
+from hybridlib.runlock import child_env, run_lock
 from hybridlib.runs import check_run_dir, create_run_dir, default_run_name, outputs_root, read_history
 from hybridlib.runtime import PROGRESS_ENV, dist_info
 from hybridlib.training import TrainResult, fit, train
@@ -76,20 +70,19 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run; the message says where the run stands and how to continue it."""
 
 
-def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Path | None = None,
-            extra: dict[str, Any] | None = None, progress: bool = True) -> None:
+def execute(run_dir: Path, notebooks_dir: Path | None = None, extra: dict[str, Any] | None = None,
+            progress: bool = True) -> None:
     """Run each notebook with ``params_file=<run>/params.yaml``, saving the executed copy in the run. With
     ``progress``, what the cells print (the epoch lines, text progress bars) is streamed to this terminal.
     Ctrl-C: the kernel is interrupted and shut down, then :class:`Interrupted` is raised."""
     nb_dir = notebooks_dir or project_root() / "notebooks"
-    names = notebooks or NOTEBOOKS
     _write_notebooks_atomically(run_dir)
-    with _CtrlC() as ctrl_c, _kernel_env({PROGRESS_ENV: "text"} if progress else {}):
-        for i, name in enumerate(names, 1):
+    with _CtrlC() as ctrl_c, child_env({PROGRESS_ENV: "text"} if progress else {}):
+        for i, name in enumerate(NOTEBOOKS, 1):
             src = nb_dir / name
             if not src.is_file():
                 raise RunError(f"Notebook {src} not found; run from the project folder or pass --notebooks DIR.")
-            print(f"[hybridlib] {i}/{len(names)} {name} -> {run_dir / name}", file=sys.stderr, flush=True)
+            print(f"[hybridlib] {i}/{len(NOTEBOOKS)} {name} -> {run_dir / name}", file=sys.stderr, flush=True)
             try:
                 pm.execute_notebook(
                     str(src),
@@ -103,41 +96,22 @@ def execute(run_dir: Path, notebooks: list[str] | None = None, notebooks_dir: Pa
                     kernel_manager_class=_KernelManager,
                     on_cell_execute=ctrl_c.before_cell,
                 )
-            except PapermillExecutionError as e:
-                if ctrl_c.pressed or e.ename == "KeyboardInterrupt":
-                    raise Interrupted(interrupted_message(run_dir, name)) from None
-                raise notebook_error(e, name, run_dir) from None
-            except DeadKernelError:
-                if ctrl_c.pressed:
-                    raise Interrupted(interrupted_message(run_dir, name)) from None
-                raise RunError(dead_kernel_message(run_dir, name, _KernelManager.latest)) from None
             except (Exception, KeyboardInterrupt) as e:
-                if ctrl_c.pressed or isinstance(e, KeyboardInterrupt):
+                if ctrl_c.pressed or isinstance(e, KeyboardInterrupt) or getattr(e, "ename", "") == "KeyboardInterrupt":
                     raise Interrupted(interrupted_message(run_dir, name)) from None
+                if isinstance(e, PapermillExecutionError):
+                    raise notebook_error(e, name, run_dir) from None
+                if isinstance(e, DeadKernelError):
+                    raise RunError(dead_kernel_message(run_dir, name, _KernelManager.latest)) from None
                 raise
             finally:
                 _KernelManager.latest = None
 
 
-@contextmanager
-def _kernel_env(values: dict[str, str]) -> Iterator[None]:
-    """Environment variables for the kernels started within the block (they inherit this process's)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunError:
     """The RunError for a notebook that stopped with an exception (a hybridlib error: its own message)."""
     kind = e.ename
-    if kind in {c.__name__ for c in _user_errors()}:
+    if kind in {c.__name__ for c in (HybridlibError, *HybridlibError.__subclasses__())}:
         return RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name})")
     if reports_disk_full(kind, e.evalue):
         return RunError(
@@ -208,11 +182,9 @@ class _KernelManager(AsyncKernelManager):
 
 
 class _CtrlC:
-    """SIGINT while the notebooks run. The first Ctrl-C interrupts the kernel (jupyter_client starts it in a
-    session of its own, so the terminal's Ctrl-C does not reach it): its cell stops with KeyboardInterrupt,
-    finally blocks run (no half-written file), papermill saves the notebook and shuts the idle kernel down.
-    Between cells, with no kernel, or at a second Ctrl-C: KeyboardInterrupt here (nbclient then shuts the kernel
-    down, killing it if it does not stop)."""
+    """SIGINT while the notebooks run. The first Ctrl-C interrupts the kernel (in a session of its own, the terminal's
+    Ctrl-C does not reach it), so its cell stops cleanly; between cells, without a kernel or at a second Ctrl-C:
+    KeyboardInterrupt here (nbclient then shuts the kernel down)."""
 
     def __init__(self) -> None:
         self.pressed = 0
@@ -263,15 +235,6 @@ def _write_notebooks_atomically(run_dir: Path) -> None:
         _ATOMIC_PREFIXES.add(prefix)
 
 
-def _user_errors() -> list[type]:
-    out, todo = [], [HybridlibError]
-    while todo:
-        c = todo.pop()
-        out.append(c)
-        todo.extend(c.__subclasses__())
-    return out
-
-
 def run(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None, notebooks_dir: Path | None = None,
         progress: bool = True) -> Path:
     """Create ``outputs/<run_name>/`` for ``cfg`` and execute the notebooks into it."""
@@ -292,9 +255,6 @@ def resume(run_dir: str | Path, notebooks_dir=None, progress=True) -> Path:
             raise RunError(f"{run_dir} has a {MODEL_FILE} but no {LAST_FILE}; it cannot be resumed.")
         execute(run_dir, notebooks_dir=notebooks_dir, extra={"resume": resuming}, progress=progress)
     return run_dir
-
-
-# ----------------------------------------------------------------------------- training only (torchrun)
 
 
 def train_only(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None

@@ -13,33 +13,31 @@ from hybridlib.files import CONFUSION_FILE, CURVES_FILE, LOG_FILE, METRICS_FILE,
 from hybridlib.runs import read_history, read_metrics
 
 
-def save_figure(fig, path: str | Path) -> None:
-    """Write ``fig`` as a PNG, atomically (a refused or full disk: the RunError of hybridlib.files)."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+def save_figure(fig, path: str | Path | None):
+    """``fig``, laid out; with ``path``, also written as a PNG atomically (a refused or full disk: a RunError)."""
+    fig.tight_layout()
+    if path:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    return fig
+
 
 def plot_curves(history: list[dict[str, float]], path: str | Path | None = None, title: str = ""):
     """Train/validation loss and accuracy per epoch (the best epoch marked)."""
     epochs = [int(r["epoch"]) for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="train")
-    ax_acc.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="validation")
-    if history:
-        best = max(history, key=lambda r: r["val_accuracy"])
-        ax_acc.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best (epoch {int(best['epoch'])})")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
-    for ax in (ax_loss, ax_acc):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="validation")
+        if key == "accuracy" and history:
+            best = max(history, key=lambda r: r["val_accuracy"])
+            ax.axvline(best["epoch"], color="grey", ls="--", lw=1, label=f"best (epoch {int(best['epoch'])})")
+        ax.set(xlabel="epoch", ylabel=key, title=key.capitalize())
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    if path:
-        save_figure(fig, path)
-    return fig
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str | Path | None = None, title: str = ""):
@@ -53,10 +51,7 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path: str
         xticklabels=label_names, yticklabels=label_names, cbar_kws={"label": "fraction of true class"}, ax=ax,
     )
     ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix (test)")
-    fig.tight_layout()
-    if path:
-        save_figure(fig, path)
-    return fig
+    return save_figure(fig, path)
 
 
 def plot_length_distribution(lengths, max_length: int, path: str | Path | None = None):
@@ -68,10 +63,7 @@ def plot_length_distribution(lengths, max_length: int, path: str | Path | None =
     ax.axvline(max_length, color="red", ls="--", label=f"max_length={max_length} ({cut:.1%} truncated)")
     ax.set(xlabel="tokens per text", ylabel="texts", title="Token length distribution (train)")
     ax.legend()
-    fig.tight_layout()
-    if path:
-        save_figure(fig, path)
-    return fig
+    return save_figure(fig, path)
 
 
 def save_run_plots(run_dir: str | Path) -> tuple[list[Path], dict | None]:

@@ -240,13 +240,11 @@ def encode_labels(raw, cfg: Config):
                 f"Labels {bad[:10]} are outside label_names {names} (expected {expect}). "
                 f"Fix label_names or the data."
             )
-    elif is_int:
-        if values != list(range(len(values))):
+    else:
+        if is_int and values != list(range(len(values))):
             raise DataError(
                 f"Integer labels must be 0..K-1, got {values[:10]}. Map them to 0..K-1 or give label_names."
             )
-        names = [str(v) for v in values]
-    else:
         names = [str(v) for v in values]
     if len(names) < 2:
         raise DataError(f"Classification needs at least 2 classes; the data has {names}.")

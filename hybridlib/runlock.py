@@ -1,8 +1,5 @@
-"""One writer per run: ``run.lock`` in the run folder, held by the process that writes the run.
-
-An OS lock (``flock``) on that file, so a holder that died holds nothing; the file also holds a record of the
-holder (pid, host, since when, command) for the message that refuses a second writer.
-"""
+"""One writer per run: an OS lock (``flock``, so a holder that died holds nothing) on ``run.lock`` in the run
+folder, which also records the holder (pid, host, since when, command) for the message that refuses a second."""
 
 from __future__ import annotations
 
@@ -26,14 +23,9 @@ LOCK_ENV = "HYBRIDLIB_RUN_LOCK"  # the token of the run lock held by this proces
 
 @contextmanager
 def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold ``run_dir/run.lock`` while writing the run (the pipeline, ``train``, ``evaluate_run``).
-
-    Another process that would write the run is refused with a RunError naming the holder (pid, host, since
-    when, command). The lock is an OS lock (``flock``) on that file, so a holder that died (kill -9, power loss)
-    holds nothing and the next writer takes the file over; a record left by a process on another host is
-    refused, since its liveness cannot be checked from here. Re-entrant for this process and its children (the
-    pipeline's notebook kernels, DDP workers), which find the holder's token in ``$HYBRIDLIB_RUN_LOCK``.
-    """
+    """Hold ``run_dir/run.lock`` while writing the run (the pipeline, ``train``, ``evaluate_run``). A record left
+    on another host is refused (its liveness cannot be checked from here). Re-entrant for this process and its
+    children (notebook kernels, DDP workers), which find the holder's token in ``$HYBRIDLIB_RUN_LOCK``."""
     path = Path(run_dir) / LOCK_FILE
     token = os.environ.get(LOCK_ENV)
     if token and (read_lock(path) or {}).get("token") == token:
@@ -42,16 +34,26 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     with refused_as_run_error(path.parent, f"write {LOCK_FILE} in"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, token = _acquire_lock(path)
-    outer = os.environ.get(LOCK_ENV)
-    os.environ[LOCK_ENV] = token
+    try:
+        with child_env({LOCK_ENV: token}):
+            yield
+    finally:
+        _release_lock(path, fd)
+
+
+@contextmanager
+def child_env(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables for the processes started within the block (they inherit this process's)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if outer is None:
-            os.environ.pop(LOCK_ENV, None)
-        else:
-            os.environ[LOCK_ENV] = outer
-        _release_lock(path, fd)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def read_lock(path: str | Path) -> dict[str, Any] | None:

@@ -1,7 +1,4 @@
-"""Run folders: creating and checking one, finding the finished ones, and their history and metrics.
-
-What a run folder holds, and how its files are written: :mod:`hybridlib.files`.
-"""
+"""Run folders: creating and checking one, finding the finished ones, and their history and metrics."""
 
 from __future__ import annotations
 
@@ -28,9 +25,6 @@ from hybridlib.files import (
 from hybridlib.locations import project_root
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
-
-
-# ----------------------------------------------------------------------------- run folders
 
 
 def outputs_root() -> Path:
@@ -88,9 +82,6 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
             )
 
 
-# ----------------------------------------------------------------------------- finding runs
-
-
 def list_runs(root: Path | None = None) -> list[dict[str, Any]]:
     """Finished runs (with model.pt) under ``root``, newest first, with dataset and test accuracy."""
     root = root or outputs_root()
@@ -116,9 +107,6 @@ def latest_run(root: Path | None = None) -> Path:
             f"No finished run under {root or outputs_root()}. Train one first (02_training or `hybridlib run`)."
         )
     return runs[0]["run_dir"]
-
-
-# ----------------------------------------------------------------------------- history and metrics
 
 
 def write_history(history: list[dict[str, float]], run_dir: str | Path) -> None:

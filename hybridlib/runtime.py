@@ -52,11 +52,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def configure_cuda(benchmark: bool = False) -> None:
-    """CUDA only: TF32 for fp32 matrix products (cuBLAS) and cuDNN's convolutions and LSTM; with ``benchmark``,
-    cuDNN also times its algorithms for each new input shape and keeps the fastest (training and the bench call
-    it so: their batch lengths are multiples of ``CUDA_PAD_MULTIPLE``, a handful of shapes). Left off elsewhere:
-    ``Predictor`` pads to the same multiples, but its batch sizes change from call to call, and each new
-    (batch, length) pair would be timed again. Never called on CPU runs, whose settings it would not change anyway."""
+    """CUDA only: TF32 for fp32 matrix products and cuDNN; ``benchmark``: cuDNN picks the fastest algorithm per
+    input shape (training: few shapes; not for ``Predictor``, whose batch sizes change from call to call)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if benchmark:
@@ -74,13 +71,9 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
-    if precision == "fp32":
-        return None
     native_bf16 = precision == "auto" and (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16())
-    return precision_policy(precision, device.type, native_bf16).autocast_dtype
+    return autocast_dtype(precision, device.type, native_bf16)
 
-
-# ----------------------------------------------------------------------------- precision and the LSTM's path
 
 CUDA_PAD_MULTIPLE = 64  # batch lengths on CUDA: multiples of this (at most 8 shapes at 512 tokens)
 LSTM_PATHS = ("padded", "packed")
@@ -88,61 +81,33 @@ LSTM_PATH_ENV = "HYBRIDLIB_LSTM_PATH"  # padded | packed: force one path (measur
 LSTM_AUTOCAST_ENV = "HYBRIDLIB_LSTM_AUTOCAST"  # 1: the LSTM runs under autocast on CUDA too (measurements)
 
 
-@dataclass(frozen=True)
-class PrecisionPolicy:
-    """How one run computes: the autocast dtype of the model (None: fp32) and whether its LSTM runs under it."""
-
-    autocast_dtype: torch.dtype | None
-    lstm_autocast: bool
-
-    @property
-    def lstm_dtype(self) -> torch.dtype:
-        return self.autocast_dtype if self.autocast_dtype is not None and self.lstm_autocast else torch.float32
-
-
-def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None, force: bool | None = None) -> bool:
-    """Does the LSTM run under the model's autocast ``amp_dtype`` on ``device_type``?
-
-    CPU: yes (bf16 where the CPU has it, as before). CUDA: no, it runs in fp32 (TF32 tensor cores): cuDNN
-    runs bf16 LSTMs natively only from cuDNN 9.13 on (before, a slow per-step fallback), and autocast's
-    fp16 LSTM re-packs its weights at every call. Not yet measured on a GPU against fp16 + GradScaler:
-    ``force`` (default: ``HYBRIDLIB_LSTM_AUTOCAST=1`` in the environment) turns autocast back on there."""
+def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None) -> bool:
+    """Does the LSTM run under the model's autocast ``amp_dtype`` on ``device_type``? CPU: yes. CUDA: no, fp32
+    (TF32): cuDNN's bf16 LSTM is native only from cuDNN 9.13, autocast's fp16 one re-packs its weights at every
+    call; ``HYBRIDLIB_LSTM_AUTOCAST=1`` turns autocast on there."""
     if amp_dtype is None:
         return False
-    if device_type != "cuda":
-        return True
-    if force is None:
-        force = os.environ.get(LSTM_AUTOCAST_ENV, "") == "1"
-    return force
+    return device_type != "cuda" or os.environ.get(LSTM_AUTOCAST_ENV, "") == "1"
 
 
-def precision_policy(precision: str, device_type: str, native_bf16: bool,
-                     force_lstm_autocast: bool | None = None) -> PrecisionPolicy:
-    """The :class:`PrecisionPolicy` of ``precision`` (auto, fp32, bf16, fp16) on ``device_type``, where
+def autocast_dtype(precision: str, device_type: str, native_bf16: bool) -> torch.dtype | None:
+    """The model's autocast dtype for ``precision`` (auto, fp32, bf16, fp16) on ``device_type`` (None: fp32), where
     ``native_bf16`` says whether the device computes in bf16 natively (a pure function: tests call it on CPU)."""
     if precision == "fp32":
-        dtype = None
-    elif device_type == "cuda":
+        return None
+    if device_type == "cuda":
         if precision == "auto":
-            dtype = torch.bfloat16 if native_bf16 else torch.float16
-        else:
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    elif precision == "fp16":
+            return torch.bfloat16 if native_bf16 else torch.float16
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16":
         raise ConfigError("Parameter 'precision': fp16 needs CUDA; on CPU use auto, bf16 or fp32.")
-    elif precision == "bf16" or (precision == "auto" and native_bf16):
-        dtype = torch.bfloat16
-    else:
-        dtype = None
-    return PrecisionPolicy(dtype, lstm_autocast(device_type, dtype, force_lstm_autocast))
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and native_bf16) else None
 
 
-def lstm_path(device_type: str, force: str | None = None) -> str:
-    """The BiLSTM implementation for ``device_type``: "packed" on CUDA (one cuDNN bidirectional call over packed
-    sequences), "padded" elsewhere (two one-directional LSTMs over the padded batch, the backward one on each
-    text reversed in place: oneDNN has no packed path, measured 2x slower on CPU). ``force`` (default: the
-    ``HYBRIDLIB_LSTM_PATH`` environment variable) picks one on any device; both give the same features."""
-    if force is None:
-        force = os.environ.get(LSTM_PATH_ENV) or None
+def lstm_path(device_type: str) -> str:
+    """The BiLSTM implementation for ``device_type`` (:class:`hybridlib.model.BiLSTMBranch`): "packed" on CUDA,
+    "padded" elsewhere (oneDNN has no packed path); ``HYBRIDLIB_LSTM_PATH`` picks one on any device."""
+    force = os.environ.get(LSTM_PATH_ENV) or None
     if force is not None:
         if force not in LSTM_PATHS:
             raise ConfigError(f"{LSTM_PATH_ENV}={force!r}: use one of {', '.join(LSTM_PATHS)}.")

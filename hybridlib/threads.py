@@ -1,21 +1,7 @@
-"""How many CPU threads torch should use, chosen from the cores this process may use and how busy others keep them.
-
-With more torch threads than free cores, every parallel region (the LSTM has one per time step) waits for the
-thread that shares its core with another process: a busy neighbour slows training many times over, far more
-than losing that core would. ``CPUThreads`` re-decides at most every ``interval`` seconds, at batch boundaries::
-
-    threads = CPUThreads(cfg.num_threads, device)  # None: automatic; an int: exactly that many, never changed
-    for batch in loader:
-        threads.update()  # microseconds, except when it re-decides
-        ...
-
-Automatic means (Linux, CPU device, not under torch.distributed): at most one thread per physical core this
-process may use (``os.sched_getaffinity``, a cgroup CPU quota, ``OMP_NUM_THREADS`` when set), minus the cores
-other processes keep busy (``/proc/stat`` for those cores minus this process's own CPU time; or, if more, the time
-this process's threads waited for a CPU, from ``/proc/self/task/*/schedstat``), at least one. Fewer threads at
-once; more only after the cores stayed free for a few decisions (longer on a machine whose load comes and goes).
-Anywhere else the count torch has is kept (``benchmarks/busy_neighbour.py`` measures the policy beside a busy
-neighbour). Set ``HYBRIDLIB_THREADS_LOG`` to a file to have every automatic decision appended to it.
+"""How many CPU threads torch should use: at most one per physical core this process may use, minus the cores
+other processes keep busy (with more threads than free cores, each parallel region waits for the thread that
+shares a core). The policy and its measurements: docs/performance.md, "Threads on a busy machine".
+``HYBRIDLIB_THREADS_LOG``: a file to which every automatic decision is appended.
 """
 
 from __future__ import annotations
@@ -49,11 +35,8 @@ BUSY_UP = 0.2  # ... and only below this much is it free again: more threads (be
 
 def choose_threads(allowed: int, others_busy: float, current: int | None = None, limit: int | None = None,
                    down: float = BUSY_DOWN, up: float = BUSY_UP) -> int:
-    """Threads to use on ``allowed`` cores when other processes keep ``others_busy`` cores busy (a float).
-
-    ``limit`` caps the answer (e.g. physical cores); ``current`` is the count in force: it is kept while the
-    estimate lies between the ``down`` and ``up`` thresholds, so the count does not flap (None: no count yet).
-    """
+    """Threads to use on ``allowed`` cores when others keep ``others_busy`` cores busy, at most ``limit``;
+    ``current`` (the count in force) is kept between the ``down`` and ``up`` thresholds, so it does not flap."""
     allowed = max(1, int(allowed))
     limit = allowed if limit is None else max(1, min(int(limit), allowed))
     busy = max(0.0, float(others_busy)) if math.isfinite(others_busy) else 0.0
@@ -198,9 +181,7 @@ class Sample:
         return max(0.0, (self.busy - before.busy) - (self.own - before.own)) / wall
 
     def waiting(self, before: Sample) -> float:
-        """Cores' worth (a float) of this process's threads waiting for a CPU between ``before`` and this sample.
-
-        With more threads than free cores it is high even where the others' share of the cores looks small."""
+        """Cores' worth of this process's threads waiting for a CPU between ``before`` and this sample."""
         wall = self.wall - before.wall
         if wall <= 0 or self.wait is None or before.wait is None:
             return 0.0
@@ -214,9 +195,7 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-# process-wide, per set of allowed CPUs: the latest measurement and the count decided with it (None: none yet).
-# A new CPUThreads measures from there, so its first decision needs no wait (and one right after another's
-# decision takes that count).
+# per set of allowed CPUs: the latest measurement and the count decided with it, where a new CPUThreads starts
 _LATEST: dict[tuple[int, ...], tuple[Sample, int | None]] = {}
 
 
@@ -228,11 +207,8 @@ def _latest(cpus: list[int]) -> tuple[Sample, int | None]:
 
 
 class CPUThreads:
-    """torch's CPU thread count for training, evaluation and prediction (see the module docstring).
-
-    ``num_threads``: an int sets exactly that many threads once (CPU runs stay bit-for-bit reproducible);
-    None chooses automatically on CPU and keeps torch's count elsewhere. Call ``update()`` once per batch.
-    """
+    """torch's CPU thread count: ``num_threads`` exactly (bit-for-bit reproducible), or None: automatic on CPU
+    (torch's count elsewhere), re-decided at most every ``interval`` seconds by ``update()``, called per batch."""
 
     def __init__(self, num_threads: int | None = None, device: torch.device | str = "cpu",
                  interval: float = DEFAULT_INTERVAL):
@@ -270,10 +246,7 @@ class CPUThreads:
         return torch.get_num_threads() if self.kept else self._count
 
     def update(self) -> int:
-        """Re-decide when ``interval`` seconds have passed since the last decision; returns the thread count.
-
-        In between it only re-applies the count if other code changed torch's (a Predictor call, a notebook cell).
-        """
+        """Re-decide when ``interval`` seconds have passed; in between re-apply the count if other code changed it."""
         if self.kept:
             return torch.get_num_threads()
         if self.auto and time.monotonic() >= self._next:

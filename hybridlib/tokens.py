@@ -66,12 +66,8 @@ def special_tokens(tok) -> tuple[list[int], list[int]]:
 
 
 def token_ids(tok, texts: list[str]) -> list[list[int]]:
-    """Each text's token ids, without special tokens and uncut.
-
-    Calls the Rust tokenizer directly, and its batch encoder that skips character offsets (never used
-    here) when it has one: less work than ``tok(texts)``, same ids. A backend configured to
-    truncate or pad by itself goes through ``tok(...)``, which switches that off for the call.
-    """
+    """Each text's token ids, without special tokens and uncut: the Rust tokenizer's batch encoder without character
+    offsets (same ids as ``tok(texts)``); a backend that truncates or pads by itself goes through ``tok(...)``."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return tok(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
@@ -104,9 +100,7 @@ def encode_texts(tok, texts: list[str], max_length: int, truncation: str) -> tup
 
 def shorten(tok, text: str, max_length: int, truncation: str) -> tuple[str, int, int]:
     """(short text, cut, shift): a very long text (a book) cut to its head (and tail), at whitespace, when that
-    provably keeps every token the model reads, so tokenizing it costs about as much as a short text;
-    ``cut``/``shift`` map positions in the short text back (position p > cut was p + shift).
-    Returns the text unchanged (cut = len) when it is short or the cut cannot be proven safe."""
+    provably keeps every token the model reads (else unchanged, cut = len); position p > cut was p + shift."""
     n, cap = len(text), max(10_000, 40 * max_length)
     if n <= 2 * cap + 1:
         return text, n, 0

@@ -1,9 +1,5 @@
-"""The training loop: AdamW, warm-up + decay schedule, gradient clipping, optional adversarial training,
-early stopping on validation accuracy, atomic checkpoints each epoch, and resume.
-
-One code path for 1 and N processes: under torch.distributed the model is wrapped in DDP, each rank
-reads a disjoint shard of every epoch's batches, metrics are summed over ranks, and only rank 0 writes
-files. :func:`fit` starts N processes on this machine (or just calls :func:`train` for one).
+"""The training loop (AdamW, warm-up + decay, gradient clipping, adversarial training, weight averaging, early
+stopping, a checkpoint per epoch, resume), one code path for 1 and N processes: docs/architecture.md, "Training".
 """
 
 from __future__ import annotations
@@ -185,9 +181,8 @@ def make_optimization(model: torch.nn.Module, cfg: Config, total_steps: int, amp
 def step_losses(loop: Loop, ids, mask, y, host_lengths=None):
     """(joint-head loss, loss to optimise, logits) of one forward pass; the second adds ``branch_aux_loss``.
     ``host_lengths``: the texts' lengths on the CPU (CUDA: spares the packed LSTM a wait for the GPU)."""
-    extra = {} if host_lengths is None else {"host_lengths": host_lengths}
     with autocast(loop.device, loop.amp_dtype):
-        logits, aux = loop.net(ids, mask, with_aux=True, **extra)
+        logits, aux = loop.net(ids, mask, with_aux=True, host_lengths=host_lengths)
     loss = F.cross_entropy(logits.float(), y)
     total = loss
     if aux:  # branch_aux_loss: each branch's own classifier learns too
@@ -224,10 +219,8 @@ def adversarial_perturbation(grad: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def train_step(loop: Loop, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimisation step on ``batch`` (``hybridlib.bench`` times this too). Returns (joint-head loss, logits,
-    labels). On CPU, when the loss is not finite nothing is updated and the caller decides what to do. On CUDA
-    that check would wait for the GPU at every step, so the step goes on (the weights may become non-finite) and
-    :func:`train_epoch`'s check, every ``SYNC_EVERY`` steps, stops the run before anything is saved."""
+    """One optimisation step; (joint-head loss, logits, labels). A non-finite loss: on CPU nothing is updated; on
+    CUDA (where the check would wait for the GPU) the step goes on and :func:`train_epoch`'s check stops the run."""
     cfg, device, scaler = loop.cfg, loop.device, loop.scaler
     cuda = device.type == "cuda"
     host_lengths = batch["attention_mask"].sum(dim=1) if cuda else None
@@ -259,9 +252,8 @@ SYNC_EVERY = 20  # CUDA: steps between reads of the running loss and accuracy (a
 
 
 class RunningSums:
-    """An epoch's loss and accuracy sums. Each step's values stay on the device until :meth:`read`, which reads all
-    pending ones at once (on CUDA a read waits for the GPU) and adds them up on the host in step order, so the sums
-    are exactly those of reading after every step."""
+    """An epoch's loss and accuracy sums: the steps' values stay on the device until :meth:`read` reads them at once
+    and adds them up in step order (the same sums as reading after every step)."""
 
     def __init__(self) -> None:
         self.sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
@@ -290,10 +282,8 @@ class RunningSums:
 
 
 def train_epoch(loop: Loop, batches) -> tuple[float, float]:
-    """One pass over ``batches`` (a tqdm bar over the loader); (mean loss, accuracy) over all ranks.
-
-    The loss and accuracy are read after every step on CPU, every ``SYNC_EVERY`` steps on CUDA (a read waits for
-    the GPU); a non-finite loss stops the run at that read, naming the step it came from."""
+    """One pass over ``batches``; (mean loss, accuracy) over all ranks. Read after every step on CPU, every
+    ``SYNC_EVERY`` steps on CUDA (a read waits for the GPU); a non-finite loss stops the run, naming its step."""
     loop.net.train()
     every = SYNC_EVERY if loop.device.type == "cuda" else 1
     running = RunningSums()
@@ -333,9 +323,6 @@ def validate(model, ds, cfg: Config, pad_id: int, threads: CPUThreads | None = N
     return loss_sum / n, correct / n
 
 
-# ----------------------------------------------------------------------------- checkpoints, resume, logging
-
-
 def epoch_line(row: dict[str, float], improved: bool) -> str:
     return (f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f} train_acc {row['train_accuracy']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} ({row['seconds']:.1f}s)"
@@ -363,13 +350,8 @@ def train_worker(cfg: Config, run_dir: str, data: Data, progress: bool = True) -
 
 
 def fit(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: bool = True) -> TrainResult:
-    """Train like :func:`train`, on ``cfg.num_processes`` processes of this machine.
-
-    One process: ``train`` runs here. Several: ``data`` (prepared here if not given, so tokenization
-    happens once) is handed to ``num_processes`` workers started by torch.distributed's elastic
-    launcher, one per GPU on CUDA (NCCL) or CPU processes (gloo). Rank 0 writes the same artifacts
-    as a single-process run and its result is returned; rank 0's epoch lines are echoed here.
-    """
+    """Train like :func:`train`, on ``cfg.num_processes`` processes of this machine (docs/distributed.md): ``data``
+    is prepared here once for all workers; rank 0's result is returned and its epoch lines echoed."""
     n = cfg.num_processes
     if n == 1 or dist_info().enabled:  # already inside a process group (torchrun): just train
         return train(cfg, run_dir, data, progress)

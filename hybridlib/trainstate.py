@@ -1,10 +1,4 @@
-"""The training loop's state and the files it keeps in the run folder.
-
-:class:`Loop` holds what a training step and an epoch work with, :class:`TrainState` what the loop carries from
-epoch to epoch. After each epoch rank 0 writes model.pt (when the epoch improved), last.pt (everything a resume
-needs: weights, weight average, optimizer, scheduler, loss scale, RNG states, the state) and training_log.csv
-(:func:`save_epoch`); :func:`resume_state` restores a loop from last.pt.
-"""
+"""The training loop's state (:class:`Loop`, :class:`TrainState`) and the files it keeps in the run folder."""
 
 from __future__ import annotations
 
@@ -61,7 +55,7 @@ class TrainState:
 @dataclass
 class Loop:
     """Everything a training step and epoch work with. ``net`` is ``model`` or its DDP wrapper (forward passes
-    go through it); ``averaged``: the weight average (``swa_start``); ``run_dir``: None outside a run (the bench)."""
+    go through it); ``averaged``: the weight average (``swa_start``); ``run_dir``: None outside a run (benchmarks/bench.py)."""
 
     cfg: Config
     model: HybridClassifier
@@ -78,9 +72,8 @@ class Loop:
 
 
 def save_epoch(loop: Loop, kept: HybridClassifier, data: Data, improved: bool, rng: Any) -> None:
-    """model.pt (``kept``'s weights, when ``improved``), last.pt (the loop's model and weight average, optimizer,
-    scheduler, scaler, ``rng`` and state) and training_log.csv after an epoch (rank 0). Without the space for all
-    three nothing is written: a full disk leaves the previous epoch's files, from which the run resumes."""
+    """model.pt (``kept``, when ``improved``), last.pt (all a resume needs) and training_log.csv after an epoch.
+    Without the space for all three nothing is written: the previous epoch's files stay, to resume from."""
     model, state, cfg = loop.model, loop.state, loop.cfg
     best = model_checkpoint(kept, cfg, data, state.epoch, state.best_metric)
     raw = best if kept is model else model_checkpoint(model, cfg, data, state.epoch, state.best_metric)
@@ -99,8 +92,7 @@ def save_epoch(loop: Loop, kept: HybridClassifier, data: Data, improved: bool, r
 
 
 def resume_state(loop: Loop, dist: Dist) -> TrainState:
-    """Load the run's last.pt into the loop's model, weight average, optimizer, scheduler, scaler and the RNGs;
-    the loop's state as it was saved."""
+    """Load the run's last.pt into the loop (model, weight average, optimizer, ...) and the RNGs; its TrainState."""
     saved = load_checkpoint(loop.run_dir / LAST_FILE, map_location=loop.device)
     loop.model.load_state_dict(saved["model"])
     if loop.averaged is not None and saved.get("averaged"):  # absent in last.pt files of runs without swa_start

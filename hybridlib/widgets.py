@@ -1,12 +1,6 @@
-"""The prediction widget of 05_prediction: pick a run, type a text, see its label, the class
-probabilities and the tokens that pushed the decision.
-
-    from hybridlib.widgets import make_predict_widget
-    make_predict_widget()            # runs under $HYBRIDLIB_OUTPUTS or outputs/, newest first
-
-Everything it shows is plain HTML (bars and highlighted text), so it renders in JupyterLab, VS Code
-and nbconvert alike, and a prediction takes milliseconds (no plotting library on the hot path).
-Problems (no runs yet, an empty text, an unloadable run) are shown as messages in the widget.
+"""The prediction widget of 05_prediction (docs/prediction.md): pick a run, type a text, see its label, the class
+probabilities and the tokens that pushed the decision. Plain HTML, so it renders in JupyterLab, VS Code and
+nbconvert alike, and a prediction takes no plotting library.
 """
 
 from __future__ import annotations
@@ -48,6 +42,8 @@ NEGATIVE = (215, 58, 73)   # pushed away from it: red
 BAR = "#4c72b0"
 BAR_TOP = "#dd8452"
 MAX_SHOWN_CHARS = 20_000   # longer texts are shown elided around what the model read
+NO_RUNS = ("No finished run under {root} yet: nothing to predict with. Train one first (notebook 02_training, or "
+           "`hybridlib run params/imdb.yaml`), then press ↻.")
 
 
 def examples_for(dataset: str | None) -> list[str]:
@@ -56,9 +52,6 @@ def examples_for(dataset: str | None) -> list[str]:
         if key and key in name:
             return texts
     return EXAMPLES[""]
-
-
-# ----------------------------------------------------------------------------- HTML rendering
 
 
 def _message_html(text: str, kind: str = "info") -> str:
@@ -153,9 +146,6 @@ def render_explanation(text: str, explanation: dict[str, Any], top_k: int = 5) -
     )
 
 
-# ----------------------------------------------------------------------------- the widget
-
-
 def _run_option(info: dict[str, Any]) -> str:
     acc = info.get("test_accuracy")
     acc_text = f"test acc {acc:.3f}" if isinstance(acc, (int, float)) else "not evaluated"
@@ -163,11 +153,12 @@ def _run_option(info: dict[str, Any]) -> str:
 
 
 class PredictWidget(w.VBox):
-    """Run picker, text box, Predict button, examples, label + probability bars, highlighted explanation.
+    """Run picker, text box, Predict button, examples, label + probability bars, highlighted explanation (display
+    it, or drive it: ``wd.text.value = "..."; wd.button.click()``; ``wd.last``: the last explanation dict).
 
-    Attributes for scripting and tests: ``run_picker``, ``text``, ``button``, ``example_buttons``,
-    ``message`` / ``result`` / ``explanation`` (HTML widgets: read ``.value``), ``last`` (the last
-    explanation dict, or None) and ``last_seconds``.
+    runs_root: folder of runs for the picker (default $HYBRIDLIB_OUTPUTS, else outputs/); run_dir: the run to
+    select (added to the picker if it is elsewhere); examples: texts for the example buttons (default: by the
+    run's dataset); device: "cpu" or "cuda"; method: "gradient" (gradient × input, fast) or "occlusion".
     """
 
     def __init__(self, runs_root: str | Path | None = None, run_dir: str | Path | None = None,
@@ -177,7 +168,6 @@ class PredictWidget(w.VBox):
         self._predictors: dict[str, Any] = {}
         self._runs: dict[str, dict[str, Any]] = {}
         self.last: dict[str, Any] | None = None
-        self.last_seconds: float | None = None
 
         self.run_picker = w.Dropdown(description="Run", layout=w.Layout(width="640px"),
                                      style={"description_width": "40px"})
@@ -207,7 +197,6 @@ class PredictWidget(w.VBox):
         self.add_class("hl-predict-widget")
         self.refresh_runs(select=run_dir)
 
-    # -------------------------------------------------------------- runs
     def refresh_runs(self, select: str | Path | None = None) -> None:
         """Re-read the runs under ``runs_root`` (newest first); keep or set the selection."""
         try:
@@ -229,8 +218,7 @@ class PredictWidget(w.VBox):
         self.run_picker.observe(self._on_run_change, names="value")
         self.run_picker.disabled = not keys
         if not keys:
-            self._show(f"No finished run under {self.runs_root} yet. Train one first (notebook 02_training, or "
-                       f"`hybridlib run params/imdb.yaml`), then press ↻.", "warning")
+            self._show(NO_RUNS.format(root=self.runs_root), "warning")
         elif self.message.value and "No finished run" in self.message.value:
             self._show("")
         self._set_examples()
@@ -266,7 +254,6 @@ class PredictWidget(w.VBox):
             self._predictors[key] = predictor
         return self._predictors[key]
 
-    # -------------------------------------------------------------- predict
     def _show(self, text: str, kind: str = "info") -> None:
         self.message.value = _message_html(text, kind) if text else ""
 
@@ -276,9 +263,7 @@ class PredictWidget(w.VBox):
         try:
             if not self.run_picker.value:
                 self.result.value = self.explanation.value = ""
-                self._show(f"No finished run under {self.runs_root} yet: nothing to predict with. Train one "
-                           f"first (notebook 02_training, or `hybridlib run params/imdb.yaml`), then press ↻.",
-                           "warning")
+                self._show(NO_RUNS.format(root=self.runs_root), "warning")
                 return None
             text = self.text.value
             if not text.strip():
@@ -293,29 +278,16 @@ class PredictWidget(w.VBox):
             out = predictor.explain(text, method=self.method)
             self.result.value = render_probabilities(out, time.perf_counter() - start)
             self.explanation.value = render_explanation(text, out)
-            self.last_seconds = time.perf_counter() - start
             self.last = out
             self._show("")
             return out
-        except HybridlibError as e:
-            self.result.value = self.explanation.value = ""
-            self._show(str(e), "error")
         except Exception as e:  # shown, not raised: a traceback in a widget callback is lost in the log
             self.result.value = self.explanation.value = ""
-            self._show(f"Prediction failed ({type(e).__name__}: {e}).", "error")
+            self._show(str(e) if isinstance(e, HybridlibError) else f"Prediction failed ({type(e).__name__}: {e}).",
+                       "error")
         finally:
             self.button.disabled = False
         return None
 
 
-def make_predict_widget(runs_root: str | Path | None = None, run_dir: str | Path | None = None,
-                        examples: list[str] | None = None, device: str = "cpu",
-                        method: str = "gradient") -> PredictWidget:
-    """The prediction widget (display it, or drive it: ``wd.text.value = "..."; wd.button.click()``).
-
-    runs_root: folder of runs for the picker (default $HYBRIDLIB_OUTPUTS, else outputs/); run_dir: the
-    run to select (added to the picker if it is elsewhere); examples: texts for the example buttons
-    (default: chosen by the run's dataset); device: "cpu" or "cuda"; method: "gradient" (gradient ×
-    input, fast) or "occlusion" for the explanation.
-    """
-    return PredictWidget(runs_root=runs_root, run_dir=run_dir, examples=examples, device=device, method=method)
+make_predict_widget = PredictWidget  # the name the notebooks and docs use

@@ -19,10 +19,9 @@ from hybridlib.runtime import (
     CUDA_PAD_MULTIPLE,
     LSTM_AUTOCAST_ENV,
     LSTM_PATH_ENV,
-    PrecisionPolicy,
+    autocast_dtype,
     lstm_autocast,
     lstm_path,
-    precision_policy,
     resolve_precision,
 )
 from hybridlib.training import RunningSums
@@ -132,7 +131,8 @@ def test_cpu_default_is_the_padded_path(monkeypatch):
 def test_lstm_path_policy(monkeypatch):
     monkeypatch.delenv(LSTM_PATH_ENV, raising=False)
     assert lstm_path("cuda") == "packed" and lstm_path("cpu") == "padded"
-    assert lstm_path("cuda", force="padded") == "padded" and lstm_path("cpu", force="packed") == "packed"
+    monkeypatch.setenv(LSTM_PATH_ENV, "padded")
+    assert lstm_path("cuda") == "padded"
     monkeypatch.setenv(LSTM_PATH_ENV, "packed")
     assert lstm_path("cpu") == "packed"
     monkeypatch.setenv(LSTM_PATH_ENV, "sideways")
@@ -159,23 +159,25 @@ def test_lstm_path_policy(monkeypatch):
 )
 def test_precision_policy(monkeypatch, precision, device, native, dtype, lstm_dtype):
     monkeypatch.delenv(LSTM_AUTOCAST_ENV, raising=False)
-    policy = precision_policy(precision, device, native)
-    assert policy.autocast_dtype == dtype and policy.lstm_dtype == lstm_dtype
-    assert policy.lstm_autocast == (dtype is not None and device == "cpu")
+    amp = autocast_dtype(precision, device, native)
+    assert amp == dtype and (amp if lstm_autocast(device, amp) else torch.float32) == lstm_dtype
+    assert lstm_autocast(device, amp) == (dtype is not None and device == "cpu")
 
 
 def test_precision_policy_fp16_on_cpu_and_overrides(monkeypatch):
     monkeypatch.delenv(LSTM_AUTOCAST_ENV, raising=False)
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
-        precision_policy("fp16", "cpu", True)
-    assert precision_policy("bf16", "cuda", True, force_lstm_autocast=True).lstm_dtype == torch.bfloat16
+        autocast_dtype("fp16", "cpu", True)
     assert not lstm_autocast("cuda", torch.bfloat16) and lstm_autocast("cpu", torch.bfloat16)
-    assert not lstm_autocast("cpu", None) and not lstm_autocast("cuda", None, force=True)
     monkeypatch.setenv(LSTM_AUTOCAST_ENV, "1")
+    assert lstm_autocast("cuda", autocast_dtype("bf16", "cuda", True))  # the LSTM in bf16 too
     assert lstm_autocast("cuda", torch.float16)
-    assert bench.precision_names(PrecisionPolicy(torch.bfloat16, False), "cpu") == {"precision": "bf16", "lstm_precision": "fp32"}
-    assert bench.precision_names(PrecisionPolicy(None, False), "cpu") == {"precision": "fp32", "lstm_precision": "fp32"}
-    assert bench.precision_names(PrecisionPolicy(torch.float16, True), "cuda") == {"precision": "fp16", "lstm_precision": "fp16"}
+    assert not lstm_autocast("cpu", None) and not lstm_autocast("cuda", None)
+    assert bench.precision_names(torch.float16, "cuda") == {"precision": "fp16", "lstm_precision": "fp16"}
+    monkeypatch.delenv(LSTM_AUTOCAST_ENV)
+    assert bench.precision_names(torch.bfloat16, "cpu") == {"precision": "bf16", "lstm_precision": "bf16"}
+    assert bench.precision_names(None, "cpu") == {"precision": "fp32", "lstm_precision": "fp32"}
+    assert bench.precision_names(torch.bfloat16, "cuda")["lstm_precision"] in ("fp32", "fp32 (TF32)")
 
 
 def test_resolve_precision_unchanged_on_cpu(monkeypatch):

@@ -68,6 +68,11 @@ MODEL_VARIANTS = [
 ] + [dict(branches=["cnn", "lstm"], lstm_pooling="mean", lstm_layers=2, branch_aux_loss=0.5)]
 
 
+def features(model: HybridClassifier, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The concatenated pooled branch features (what the joint head reads)."""
+    return torch.cat(list(model.branch_features(ids, mask).values()), dim=-1)
+
+
 def variant_id(v):
     return "+".join(v["branches"]) + f"-{v['lstm_pooling']}-L{v['lstm_layers']}" + ("-aux" if v.get("branch_aux_loss") else "")
 
@@ -79,13 +84,13 @@ def test_features_unchanged_by_extra_padding(variant, length):
     seq = random_ids(length, seed=length)
     with torch.no_grad():
         ids, mask = pad_batch([seq])
-        ref = model.features(ids, mask)
+        ref = features(model, ids, mask)
         assert torch.isfinite(ref).all()
         for extra in (1, 3, 17):
             ids_p, mask_p = pad_batch([seq], extra=extra)
             assert ids_p.shape[1] == length + extra
-            torch.testing.assert_close(model.features(ids_p, mask_p), ref, atol=ATOL, rtol=0)
-            torch.testing.assert_close(model.features(ids_p), ref, atol=ATOL, rtol=0)  # mask derived from pad_id
+            torch.testing.assert_close(features(model, ids_p, mask_p), ref, atol=ATOL, rtol=0)
+            torch.testing.assert_close(features(model, ids_p), ref, atol=ATOL, rtol=0)  # mask derived from pad_id
             torch.testing.assert_close(model(ids_p, mask_p), model(ids, mask), atol=ATOL, rtol=0)
 
 
@@ -94,8 +99,8 @@ def test_features_unchanged_by_padding_nonzero_pad_id(pad_id):
     model = make_model(pad_id=pad_id, branches=["cnn", "lstm"], lstm_pooling="mean", lstm_layers=2)
     seq = random_ids(6, pad_id=pad_id, seed=1)
     with torch.no_grad():
-        ref = model.features(*pad_batch([seq], pad_id=pad_id))
-        got = model.features(*pad_batch([seq], pad_id=pad_id, extra=5))
+        ref = features(model, *pad_batch([seq], pad_id=pad_id))
+        got = features(model, *pad_batch([seq], pad_id=pad_id, extra=5))
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
@@ -106,10 +111,10 @@ def test_mixed_length_batch_matches_rows_alone(variant):
     with torch.no_grad():
         ids, mask = pad_batch(seqs)
         batch_logits = model(ids, mask)
-        batch_feats = model.features(ids, mask)
+        batch_feats = features(model, ids, mask)
         for i, s in enumerate(seqs):
             alone = pad_batch([s])
-            torch.testing.assert_close(batch_feats[i : i + 1], model.features(*alone), atol=ATOL, rtol=0)
+            torch.testing.assert_close(batch_feats[i : i + 1], features(model, *alone), atol=ATOL, rtol=0)
             torch.testing.assert_close(batch_logits[i : i + 1], model(*alone), atol=ATOL, rtol=0)
 
 
@@ -120,7 +125,7 @@ def test_inputs_shorter_than_the_widest_kernel(branches, length):
     ids, mask = pad_batch([random_ids(length, seed=2), random_ids(1, seed=3)])
     with torch.no_grad():
         logits = model(ids, mask)
-        feats = model.features(ids, mask)
+        feats = features(model, ids, mask)
     assert logits.shape == (2, CLASSES)
     assert torch.isfinite(logits).all() and torch.isfinite(feats).all()
     # also in training mode, with gradients
@@ -217,14 +222,13 @@ def test_feature_sizes():
             parts = m.branch_features(ids, mask)
             assert list(parts) == ["lstm", "cnn"]  # the concat order
             assert parts["lstm"].shape == (1, 2 * 6) and parts["cnn"].shape == (1, 5 * 2)
-            assert torch.equal(m.features(ids, mask), torch.cat([parts["lstm"], parts["cnn"]], dim=1))
-            assert torch.equal(m.classify(parts), m(ids, mask))
+            assert torch.equal(m.head(torch.cat(list(parts.values()), dim=-1)), m(ids, mask))
     m = make_model(branches=["lstm"], lstm_pooling="max", lstm_hidden=6)
     with torch.no_grad():
-        assert m.features(ids, mask).shape == (1, 12)
+        assert features(m, ids, mask).shape == (1, 12)
     m = make_model(branches=["cnn"], cnn_filters=5, cnn_kernel_sizes=[3, 4, 5])
     with torch.no_grad():
-        assert m.features(ids, mask).shape == (1, 15)
+        assert features(m, ids, mask).shape == (1, 15)
 
 
 def test_count_parameters_counts_frozen_ones_too():

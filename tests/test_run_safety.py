@@ -422,9 +422,10 @@ def test_pipeline_notebook_write_on_a_full_disk(tmp_path, tiny_params, monkeypat
     (notebooks / "stub.ipynb").write_text(json.dumps(STUB))
     (run_dir / "stub.ipynb").write_text("the previous copy")
     monkeypatch.setattr(files, "free_bytes", lambda folder: 10)
+    monkeypatch.setattr(pipeline, "NOTEBOOKS", ["stub.ipynb"])
     with pytest.raises(RunError, match=rf"Not enough disk space to write stub\.ipynb in {re.escape(str(run_dir))}: "
                                        rf"it needs about .* and 10 bytes is free.*hybridlib run --resume"):
-        pipeline.execute(run_dir, ["stub.ipynb"], notebooks, progress=False)
+        pipeline.execute(run_dir, notebooks, progress=False)
     assert (run_dir / "stub.ipynb").read_text() == "the previous copy" and not temp_files(run_dir)
     assert not [p for p in psutil.Process().children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
 
