@@ -156,6 +156,7 @@ class Predictor:
             "index": k,
             "probabilities": {n: float(v) for n, v in zip(self.label_names, probs, strict=True)},
         }
+
     def predict(self, texts: str | list[str]) -> list[dict[str, Any]]:
         """Per text: ``label`` (name), ``index`` and ``probabilities`` ({name: p}, summing to 1).
 
