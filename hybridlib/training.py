@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,8 @@ def start(cfg: Config, run_dir: Path, data: Data | None, dist: Dist) -> tuple[Lo
         with disk_full_errors(run_dir / TOKENIZER_DIR):
             data.tokenizer.save_pretrained(str(run_dir / TOKENIZER_DIR))
 
-    model = init_model(cfg, data, device, pretrained=not cfg.resume)  # resuming: weights come from last.pt
+    # resuming: weights come from last.pt; under DDP, from rank 0 (DDP broadcasts them), so ppmi runs once per run
+    model = init_model(cfg, data, device, pretrained=not cfg.resume and dist.is_main)
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else model
     steps_per_epoch = len(make_loader(data.splits["train"], cfg, data.pad_id, device, epoch=0, dist=dist))
@@ -142,10 +144,16 @@ def init_model(cfg: Config, data: Data, device: torch.device, pretrained: bool =
     set_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id)
     if pretrained and cfg.pretrained_embeddings:
-        initialise_embedding(model.embedding, cfg.pretrained_embeddings, data.splits["train"]["input_ids"],
+        initialise_embedding(model.embedding, cfg.pretrained_embeddings, token_ids(data.splits["train"]),
                              skip=data.tokenizer.all_special_ids, seed=cfg.seed,
                              svd_device=device if device.type == "cuda" else None)  # the CPU keeps scikit-learn's
     return model.to(device)
+
+
+def token_ids(ds, batch_size: int = 1000) -> Iterator:
+    """A tokenized split's input_ids text by text, read from Arrow a batch at a time (never the whole column)."""
+    for batch in ds.select_columns(["input_ids"]).with_format("numpy").iter(batch_size):
+        yield from batch["input_ids"]
 
 
 def weights_to_keep(loop: Loop, epoch: int) -> HybridClassifier:
