@@ -1,0 +1,171 @@
+"""Scale benchmark: the same run on 25k, 100k and 400k training texts; per stage seconds, peak RSS and the
+seconds-per-text ratio against the smallest size.
+
+    python benchmarks/scale.py --work /tmp/scale-bench [--sizes 25000 100000 400000] [--threads 2]
+        [--imdb ../shared/data/imdb] [--tokenizer ../shared/tokenizers/bert-base-uncased] [--json out.json]
+
+Corpora (made once per size under --work): text i is IMDB train review i % 25,000 with its label; from the
+second copy of a review on, a seeded perturbation (3 words dropped, 2 neighbouring words swapped) keeps copies
+distinct. The test split is always the fixed IMDB test split (25,000). The run: params/imdb.yaml with one epoch,
+max_length 128, swa off, and num_threads pinned (the defaults otherwise: ppmi, the baseline with its cap).
+
+Every stage runs in a fresh process, as `hybridlib run` gives each notebook its own kernel; its peak RSS is that
+process's (imports included). tokenize: prepare_data on an empty datasets cache (parquet -> Arrow -> token ids);
+ppmi: init_model's PPMI word vectors (co-occurrences + SVD); train: hybridlib.training.fit (data from the cache,
+ppmi, one epoch; "epoch" is its training_log seconds); evaluate: evaluate_run (test and validation predictions,
+metrics, the TF-IDF baseline, whose own seconds are the "baseline" row). "run" is the whole run: seconds summed,
+peak the largest of its processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("tokenize", "ppmi", "train", "evaluate")
+
+
+def make_corpus(imdb: Path, size: int, folder: Path, seed: int = 0) -> None:
+    """train.parquet of ``size`` texts: IMDB train reviews (shuffled), then perturbed copies; test.parquet = IMDB test."""
+    import pandas as pd
+
+    if (folder / "train.parquet").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pd.read_parquet(imdb / "train.parquet").sample(frac=1.0, random_state=seed)  # sorted by label: shuffle
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(size):
+        text, label = base["text"].iat[i % len(base)], int(base["label"].iat[i % len(base)])
+        if i >= len(base):
+            words = text.split()
+            for _ in range(3):
+                if len(words) > 4:
+                    del words[rng.randrange(len(words))]
+            for _ in range(2):
+                j = rng.randrange(len(words) - 1)
+                words[j], words[j + 1] = words[j + 1], words[j]
+            text = " ".join(words)
+        texts.append(text)
+        labels.append(label)
+    pd.DataFrame({"text": texts, "label": labels}).to_parquet(folder / "train.parquet")
+    pd.read_parquet(imdb / "test.parquet").to_parquet(folder / "test.parquet")
+
+
+def config(a: argparse.Namespace, size: int):
+    from hybridlib.config import load_config
+
+    return load_config(ROOT / "params" / "imdb.yaml", {
+        "data_dir": str(Path(a.work) / f"data-{size}"), "tokenizer": a.tokenizer, "epochs": 1, "max_length": 128,
+        "swa_start": 0, "num_threads": a.threads, "run_dir": str(Path(a.work) / f"run-{size}")})
+
+
+def stage(a: argparse.Namespace) -> dict:
+    """Run one stage here; its seconds (and sub-figures)."""
+    from hybridlib.data import prepare_data
+
+    cfg = config(a, a.size)
+    out: dict = {}
+    t0 = time.perf_counter()
+    if a.stage == "tokenize":
+        prepare_data(cfg)
+    elif a.stage == "ppmi":
+        import torch
+
+        from hybridlib.training import init_model
+
+        data = prepare_data(cfg)
+        t0 = time.perf_counter()
+        init_model(cfg, data, torch.device("cpu"))
+    elif a.stage == "train":
+        from hybridlib.files import read_json
+        from hybridlib.pipeline import prepare_run
+        from hybridlib.runs import read_history
+        from hybridlib.training import fit
+
+        cfg, run_dir = prepare_run(cfg)
+        result = fit(cfg, run_dir, progress=False)
+        out["epoch"] = float(sum(r["seconds"] for r in read_history(run_dir)))
+        out["val_accuracy"] = result.best_val_accuracy
+        out["train_peak_rss_mb"] = read_json(Path(run_dir) / "train_info.json")["peak_rss_mb"]
+    elif a.stage == "evaluate":
+        from hybridlib.evaluation import evaluate_run
+
+        data = prepare_data(cfg)
+        t0 = time.perf_counter()
+        m = evaluate_run(cfg, cfg.run_dir, data, progress=False)["metrics"]
+        out["baseline"] = m["baselines"]["tfidf_logreg"]["seconds"]
+        out["test_accuracy"], out["baseline_test_accuracy"] = m["test_accuracy"], m["baselines"]["tfidf_logreg"]["test_accuracy"]
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def measure(a: argparse.Namespace, size: int) -> dict[str, dict]:
+    """Every stage of one size, each in a fresh process."""
+    work = Path(a.work)
+    make_corpus(Path(a.imdb), size, work / f"data-{size}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(work / f"hf-{size}"),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    shutil.rmtree(work / f"run-{size}", ignore_errors=True)
+    res = {}
+    for name in STAGES:
+        cmd = [sys.executable, __file__, "--stage", name, "--size", str(size), "--work", a.work,
+               "--threads", str(a.threads), "--tokenizer", a.tokenizer]
+        line = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        res[name] = json.loads(line)
+        print(f"  {size:>9,} {name:<9} {res[name]['seconds']:8.1f} s  {res[name]['peak_rss_mb']:8,.0f} MiB", flush=True)
+    return res
+
+
+def table(results: dict[int, dict[str, dict]]) -> str:
+    """Markdown: stage, then per size seconds, peak RSS and the seconds-per-text ratio against the first size."""
+    sizes = sorted(results)
+    rows = []
+    for size in sizes:
+        r = results[size]
+        rows += [(size, s, r[s]["seconds"], r[s]["peak_rss_mb"]) for s in STAGES]
+        rows += [(size, "epoch", r["train"]["epoch"], r["train"]["train_peak_rss_mb"]),
+                 (size, "baseline", r["evaluate"]["baseline"], None),
+                 (size, "run", sum(r[s]["seconds"] for s in STAGES), max(r[s]["peak_rss_mb"] for s in STAGES))]
+    first = {s: sec / sizes[0] for size, s, sec, _ in rows if size == sizes[0]}
+    lines = ["| texts | stage | seconds | peak RSS (GiB) | s/text vs first |", "|---:|---|---:|---:|---:|"]
+    for size, s, sec, peak in rows:
+        peak_s = f"{peak / 1024:.2f}" if peak else "(in evaluate)"
+        lines.append(f"| {size:,} | {s} | {sec:,.1f} | {peak_s} | {sec / size / first[s]:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", required=True, help="folder for the corpora, datasets caches and runs")
+    p.add_argument("--sizes", type=int, nargs="+", default=[25_000, 100_000, 400_000])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--imdb", default=str(ROOT.parent / "shared" / "data" / "imdb"))
+    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "tokenizers" / "bert-base-uncased"))
+    p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.stage:
+        print(json.dumps(stage(a)))
+        return
+    results = {}
+    for size in a.sizes:
+        results[size] = measure(a, size)
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
