@@ -1,8 +1,8 @@
 """Scale benchmark: the same run on 25k, 100k and 400k training texts; per stage seconds, peak RSS and the
 seconds-per-text ratio against the smallest size.
 
-    python benchmarks/scale.py --work /tmp/scale-bench [--sizes 25000 100000 400000] [--threads 2]
-        [--imdb ../shared/data/imdb] [--tokenizer ../shared/tokenizers/bert-base-uncased] [--json out.json]
+    python benchmarks/scale.py --work /tmp/scale-bench [--sizes 25000 100000 400000] [--train-sizes 25000]
+        [--threads 2] [--imdb ../shared/data/imdb] [--tokenizer ../shared/tokenizers/bert-base-uncased] [--json out.json]
 
 Corpora (made once per size under --work): text i is IMDB train review i % 25,000 with its label; from the
 second copy of a review on, a seeded perturbation (3 words dropped, 2 neighbouring words swapped) keeps copies
@@ -14,7 +14,9 @@ process's (imports included). tokenize: prepare_data on an empty datasets cache 
 ppmi: init_model's PPMI word vectors (co-occurrences + SVD); train: hybridlib.training.fit (data from the cache,
 ppmi, one epoch; "epoch" is its training_log seconds); evaluate: evaluate_run (test and validation predictions,
 metrics, the TF-IDF baseline, whose own seconds are the "baseline" row). "run" is the whole run: seconds summed,
-peak the largest of its processes.
+peak the largest of its processes. ``--train-sizes`` (default: all) limits training to those sizes (an epoch costs
+the same per text at every size): the others evaluate a copy of the largest trained size's run, which costs what
+their own model would (same architecture). ``--json``: sizes already in that file are not measured again.
 """
 
 from __future__ import annotations
@@ -110,15 +112,18 @@ def stage(a: argparse.Namespace) -> dict:
     return out
 
 
-def measure(a: argparse.Namespace, size: int) -> dict[str, dict]:
-    """Every stage of one size, each in a fresh process."""
+def measure(a: argparse.Namespace, size: int, trained: int | None) -> dict[str, dict]:
+    """Every stage of one size, each in a fresh process; without training, ``trained``'s run is evaluated."""
     work = Path(a.work)
     make_corpus(Path(a.imdb), size, work / f"data-{size}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(work / f"hf-{size}"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     shutil.rmtree(work / f"run-{size}", ignore_errors=True)
+    train = a.train_sizes is None or size in a.train_sizes
+    if not train:
+        shutil.copytree(work / f"run-{trained}", work / f"run-{size}", ignore=shutil.ignore_patterns("run.lock"))
     res = {}
-    for name in STAGES:
+    for name in (s for s in STAGES if train or s != "train"):
         cmd = [sys.executable, __file__, "--stage", name, "--size", str(size), "--work", a.work,
                "--threads", str(a.threads), "--tokenizer", a.tokenizer]
         line = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -133,10 +138,11 @@ def table(results: dict[int, dict[str, dict]]) -> str:
     rows = []
     for size in sizes:
         r = results[size]
-        rows += [(size, s, r[s]["seconds"], r[s]["peak_rss_mb"]) for s in STAGES]
-        rows += [(size, "epoch", r["train"]["epoch"], r["train"]["train_peak_rss_mb"]),
-                 (size, "baseline", r["evaluate"]["baseline"], None),
-                 (size, "run", sum(r[s]["seconds"] for s in STAGES), max(r[s]["peak_rss_mb"] for s in STAGES))]
+        rows += [(size, s, r[s]["seconds"], r[s]["peak_rss_mb"]) for s in STAGES if s in r]
+        rows += [(size, "epoch", r["train"]["epoch"], r["train"]["train_peak_rss_mb"])] if "train" in r else []
+        rows += [(size, "baseline", r["evaluate"]["baseline"], None)]
+        if "train" in r:
+            rows += [(size, "run", sum(r[s]["seconds"] for s in STAGES), max(r[s]["peak_rss_mb"] for s in STAGES))]
     first = {s: sec / sizes[0] for size, s, sec, _ in rows if size == sizes[0]}
     lines = ["| texts | stage | seconds | peak RSS (GiB) | s/text vs first |", "|---:|---|---:|---:|---:|"]
     for size, s, sec, peak in rows:
@@ -149,6 +155,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", required=True, help="folder for the corpora, datasets caches and runs")
     p.add_argument("--sizes", type=int, nargs="+", default=[25_000, 100_000, 400_000])
+    p.add_argument("--train-sizes", type=int, nargs="*", help="train at these sizes only (default: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--imdb", default=str(ROOT.parent / "shared" / "data" / "imdb"))
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "tokenizers" / "bert-base-uncased"))
@@ -159,9 +166,11 @@ def main() -> None:
     if a.stage:
         print(json.dumps(stage(a)))
         return
-    results = {}
+    results = {int(k): v for k, v in json.loads(Path(a.json).read_text()).items()} if a.json and Path(a.json).is_file() else {}
     for size in a.sizes:
-        results[size] = measure(a, size)
+        if size not in results:
+            trained = max((s for s in results if "train" in results[s]), default=None)
+            results[size] = measure(a, size, trained)
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=1))
     print(table(results))

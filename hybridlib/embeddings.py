@@ -49,37 +49,38 @@ def project(vectors: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def cooccurrences(token_ids: Iterable[Sequence[int]], vocab_size: int, skip: Iterable[int] = (), window: int = 5,
-                  chunk_tokens: int = 1 << 22):
+                  chunk_tokens: int = 1 << 21):
     """Symmetric sparse (vocab, vocab) counts of token pairs up to ``window`` apart, weighted 1/distance;
     pairs never span two texts, and tokens in ``skip`` are left out (their neighbours stay apart).
 
     Reads ``token_ids`` (any iterable of texts) about ``chunk_tokens`` tokens at a time and keeps exact integer
     counts per distance, so memory is bounded by the counts, not the corpus. A pair seen k times at distance d
     weighs k sequential additions of 1/d: the float values of summing every pair at once, bit for bit."""
-    skip = np.asarray(sorted(set(skip)), dtype=np.int64)
-    gap = np.full(window, -1, dtype=np.int64)  # between texts: no pair reaches across
-    seen = sp.csr_matrix((window * vocab_size, vocab_size), dtype=np.int64)  # row (d - 1) * vocab + a, column b
+    skip = np.asarray(sorted(set(skip)), dtype=np.int32)
+    gap = np.full(window, -1, dtype=np.int32)  # between texts: no pair reaches across
+    shape = (vocab_size, vocab_size)
+    seen = [sp.csr_matrix(shape, dtype=np.int64) for _ in range(window)]  # how often each pair, per distance
     for chunk in _chunks(token_ids, chunk_tokens):
         ids = np.concatenate([x for s in chunk for x in (s, gap)])
         ids[np.isin(ids, skip)] = -1
-        ok = [(ids[:-d] >= 0) & (ids[d:] >= 0) for d in range(1, window + 1)]
-        rows = np.concatenate([ids[:-d][k] + (d - 1) * vocab_size for d, k in enumerate(ok, 1)])
-        cols = np.concatenate([ids[d:][k] for d, k in enumerate(ok, 1)])
-        seen = seen + sp.csr_matrix((np.ones(len(rows), dtype=np.int64), (rows, cols)), shape=seen.shape)
-    counts = sp.csr_matrix((vocab_size, vocab_size))
+        for d in range(1, window + 1):
+            a, b = ids[:-d], ids[d:]
+            ok = (a >= 0) & (b >= 0)
+            seen[d - 1] = seen[d - 1] + sp.csr_matrix((np.ones(ok.sum(), dtype=np.int64), (a[ok], b[ok])), shape=shape)
+    counts = sp.csr_matrix(shape)
     for d in range(1, window + 1):
-        n = seen[(d - 1) * vocab_size : d * vocab_size]
+        n = seen.pop(0)
         sums = np.cumsum(np.full(n.data.max(initial=0), 1.0 / d))  # sums[k - 1]: 1/d added k times, in order
-        pairs = sp.csr_matrix((sums[n.data - 1], n.indices, n.indptr), shape=(vocab_size, vocab_size))
+        pairs = sp.csr_matrix((sums[n.data - 1], n.indices, n.indptr), shape=shape)
         counts = counts + pairs + pairs.T
     return counts
 
 
 def _chunks(token_ids: Iterable[Sequence[int]], size: int) -> Iterator[list[np.ndarray]]:
-    """Whole texts as int64 arrays, in lists of about ``size`` tokens."""
+    """Whole texts as int32 arrays, in lists of about ``size`` tokens."""
     chunk, n = [], 0
     for s in token_ids:
-        chunk.append(np.asarray(s, dtype=np.int64))
+        chunk.append(np.asarray(s, dtype=np.int32))
         n += len(chunk[-1])
         if n >= size:
             yield chunk
