@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,16 +143,11 @@ def init_model(cfg: Config, data: Data, device: torch.device, pretrained: bool =
     set_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id)
     if pretrained and cfg.pretrained_embeddings:
-        initialise_embedding(model.embedding, cfg.pretrained_embeddings, token_ids(data.splits["train"]),
+        batches = data.splits["train"].select_columns(["input_ids"]).with_format("numpy").iter(1000)  # not all at once
+        initialise_embedding(model.embedding, cfg.pretrained_embeddings, (x for b in batches for x in b["input_ids"]),
                              skip=data.tokenizer.all_special_ids, seed=cfg.seed,
                              svd_device=device if device.type == "cuda" else None)  # the CPU keeps scikit-learn's
     return model.to(device)
-
-
-def token_ids(ds, batch_size: int = 1000) -> Iterator:
-    """A tokenized split's input_ids text by text, read from Arrow a batch at a time (never the whole column)."""
-    for batch in ds.select_columns(["input_ids"]).with_format("numpy").iter(batch_size):
-        yield from batch["input_ids"]
 
 
 def weights_to_keep(loop: Loop, epoch: int) -> HybridClassifier:
