@@ -131,6 +131,9 @@ def stage(a: argparse.Namespace) -> dict:
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["tree_peak_mb"] = tree.get("mb", 0.0)
+    proc = Path("/proc/self/status")  # Linux: at the end, file-backed pages (memory-mapped Arrow) vs the process's own
+    status = dict(line.split(":", 1) for line in proc.read_text().splitlines()) if proc.is_file() else {}
+    out.update({k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile") if k in status})
     return out
 
 
