@@ -31,16 +31,19 @@ _VECTORIZER_KEYS = ("lowercase", "strip_accents", "token_pattern", "ngram_range"
 
 
 def tfidf_logreg(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, n_jobs: int = 1,
-                 ) -> tuple[dict[str, Any], dict[str, np.ndarray], Pipeline]:
+                 max_train: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], Pipeline]:
     """Fit TF-IDF 1-2-gram + LR for each C, keep the best on validation (the first of equals, in grid order).
 
     ``n_jobs``: the values of C are fitted in this many processes at once (joblib); the result is the same.
+    ``max_train``: fit on a sample of at most this many training texts (seeded, in split order); None: all.
     Returns (summary for metrics.json: C, validation and test accuracy, test macro F1, seconds;
     class probabilities {"validation": (N, C), "test": (N, C)} for :func:`ensemble`;
     the fitted ``Pipeline([("tfidf", ...), ("logreg", ...)])`` for :func:`save_tfidf_logreg`).
     """
     t0 = time.perf_counter()
     train, val, test = (data.splits[s] for s in ("train", "validation", "test"))
+    if max_train and max_train < len(train):
+        train = train.select(np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False)))
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_df=0.9, sublinear_tf=True, strip_accents="unicode")
     x_train = vec.fit_transform(train["text"])
     x_val, x_test = vec.transform(val["text"]), vec.transform(test["text"])
@@ -57,6 +60,8 @@ def tfidf_logreg(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, n_jobs
     summary = {
         "name": "tfidf_1-2gram_logreg",
         "C": c,
+        "max_train_samples": max_train,
+        "num_train": len(train),
         "val_accuracy": float(val_acc),
         "test_accuracy": float(accuracy_score(y_test, pred)),
         "test_macro_f1": float(f1_score(y_test, pred, average="macro")),

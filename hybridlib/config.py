@@ -132,6 +132,8 @@ class Config:
                                 location=True)
     resume: bool = _f(False, "run", "Continue an interrupted run from run_dir/last.pt.")
     baseline: bool = _f(True, "run", "Also fit the TF-IDF + logistic regression baseline on the same split.")
+    baseline_max_train_samples: Optional[int] = _f(100_000, "run", "Fit the baseline on a seeded sample of at most "
+                                                   "this many training texts (bounded memory); unset: all.", min=1)
 
     def __post_init__(self) -> None:
         if self.swa_start > self.epochs:

@@ -11,7 +11,7 @@ information matrix (:func:`ppmi_vectors`), before training starts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,20 +48,45 @@ def project(vectors: torch.Tensor, dim: int) -> torch.Tensor:
     return out * (vectors.std() / out.std())
 
 
-def cooccurrences(token_ids: Sequence[Sequence[int]], vocab_size: int, skip: Iterable[int] = (), window: int = 5):
+def cooccurrences(token_ids: Iterable[Sequence[int]], vocab_size: int, skip: Iterable[int] = (), window: int = 5,
+                  chunk_tokens: int = 1 << 21):
     """Symmetric sparse (vocab, vocab) counts of token pairs up to ``window`` apart, weighted 1/distance;
-    pairs never span two texts, and tokens in ``skip`` are left out (their neighbours stay apart)."""
-    skip = np.asarray(sorted(set(skip)), dtype=np.int64)
-    gap = np.full(window, -1, dtype=np.int64)  # between texts: no pair reaches across
-    ids = np.concatenate([x for s in token_ids for x in (np.asarray(s, dtype=np.int64), gap)] or [gap])
-    ids[np.isin(ids, skip)] = -1
-    counts = sp.csr_matrix((vocab_size, vocab_size))
+    pairs never span two texts, and tokens in ``skip`` are left out (their neighbours stay apart).
+
+    Reads ``token_ids`` (any iterable of texts) about ``chunk_tokens`` tokens at a time and keeps exact integer
+    counts per distance, so memory is bounded by the counts, not the corpus. A pair seen k times at distance d
+    weighs k sequential additions of 1/d: the float values of summing every pair at once, bit for bit."""
+    skip = np.asarray(sorted(set(skip)), dtype=np.int32)
+    gap = np.full(window, -1, dtype=np.int32)  # between texts: no pair reaches across
+    shape = (vocab_size, vocab_size)
+    seen = [sp.csr_matrix(shape, dtype=np.int64) for _ in range(window)]  # how often each pair, per distance
+    for chunk in _chunks(token_ids, chunk_tokens):
+        ids = np.concatenate([x for s in chunk for x in (s, gap)])
+        ids[np.isin(ids, skip)] = -1
+        for d in range(1, window + 1):
+            a, b = ids[:-d], ids[d:]
+            ok = (a >= 0) & (b >= 0)
+            seen[d - 1] = seen[d - 1] + sp.csr_matrix((np.ones(ok.sum(), dtype=np.int64), (a[ok], b[ok])), shape=shape)
+    counts = sp.csr_matrix(shape)
     for d in range(1, window + 1):
-        a, b = ids[:-d], ids[d:]
-        ok = (a >= 0) & (b >= 0)
-        pairs = sp.csr_matrix((np.full(ok.sum(), 1.0 / d), (a[ok], b[ok])), shape=(vocab_size, vocab_size))
+        n = seen.pop(0)
+        sums = np.cumsum(np.full(n.data.max(initial=0), 1.0 / d))  # sums[k - 1]: 1/d added k times, in order
+        pairs = sp.csr_matrix((sums[n.data - 1], n.indices, n.indptr), shape=shape)
         counts = counts + pairs + pairs.T
     return counts
+
+
+def _chunks(token_ids: Iterable[Sequence[int]], size: int) -> Iterator[list[np.ndarray]]:
+    """Whole texts as int32 arrays, in lists of about ``size`` tokens."""
+    chunk, n = [], 0
+    for s in token_ids:
+        chunk.append(np.asarray(s, dtype=np.int32))
+        n += len(chunk[-1])
+        if n >= size:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
 
 
 def ppmi_vectors(token_ids: Sequence[Sequence[int]], vocab_size: int, dim: int, skip: Iterable[int] = (),

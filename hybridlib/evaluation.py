@@ -156,7 +156,8 @@ def _evaluate_run(cfg: Config, run_dir: Path, data: Data, device: torch.device |
         "versions": library_versions(),
     }
     if cfg.baseline:
-        summary, base_probs, pipe = tfidf_logreg(data, seed=cfg.seed, n_jobs=threads.count)
+        summary, base_probs, pipe = tfidf_logreg(data, cfg.seed, n_jobs=threads.count,
+                                                max_train=cfg.baseline_max_train_samples)
         save_tfidf_logreg(pipe, run_dir / TFIDF_FILE)  # Predictor.from_run(run, ensemble=True) serves the mix
         metrics["baselines"] = {"tfidf_logreg": summary}
         val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, progress, threads)

@@ -106,7 +106,8 @@ def start(cfg: Config, run_dir: Path, data: Data | None, dist: Dist) -> tuple[Lo
         with disk_full_errors(run_dir / TOKENIZER_DIR):
             data.tokenizer.save_pretrained(str(run_dir / TOKENIZER_DIR))
 
-    model = init_model(cfg, data, device, pretrained=not cfg.resume)  # resuming: weights come from last.pt
+    # resuming: weights come from last.pt; under DDP, from rank 0 (DDP broadcasts them), so ppmi runs once per run
+    model = init_model(cfg, data, device, pretrained=not cfg.resume and dist.is_main)
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None) if dist.enabled else model
     steps_per_epoch = len(make_loader(data.splits["train"], cfg, data.pad_id, device, epoch=0, dist=dist))
@@ -138,7 +139,8 @@ def init_model(cfg: Config, data: Data, device: torch.device, pretrained: bool =
     set_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size, len(data.label_names), data.pad_id)
     if pretrained and cfg.pretrained_embeddings:
-        initialise_embedding(model.embedding, cfg.pretrained_embeddings, data.splits["train"]["input_ids"],
+        batches = data.splits["train"].select_columns(["input_ids"]).with_format("numpy").iter(1000)  # not all at once
+        initialise_embedding(model.embedding, cfg.pretrained_embeddings, (x for b in batches for x in b["input_ids"]),
                              skip=data.tokenizer.all_special_ids, seed=cfg.seed,
                              svd_device=device if device.type == "cuda" else None)  # the CPU keeps scikit-learn's
     return model.to(device)

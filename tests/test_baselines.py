@@ -33,6 +33,18 @@ def test_tfidf_logreg_fits_the_c_grid_in_parallel_with_the_serial_result(tiny_cf
     np.testing.assert_array_equal(pipe2["logreg"].coef_, pipe1["logreg"].coef_)
 
 
+def test_tfidf_logreg_on_a_capped_sample_says_so_and_repeats(tiny_cfg, tiny_tokenizer):
+    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    n = len(data.splits["train"])
+    full, p_full, _ = tfidf_logreg(data, seed=0, c_grid=(4.0,), max_train=n)  # a cap above the split: all texts
+    assert (full["max_train_samples"], full["num_train"]) == (n, n)
+    capped, p1, pipe1 = tfidf_logreg(data, seed=0, c_grid=(4.0,), max_train=n // 2)
+    again, p2, pipe2 = tfidf_logreg(data, seed=0, c_grid=(4.0,), max_train=n // 2)
+    assert capped["num_train"] == n // 2 and capped["max_train_samples"] == n // 2
+    np.testing.assert_array_equal(pipe1["logreg"].coef_, pipe2["logreg"].coef_)  # the sample is seeded
+    assert not np.array_equal(p1["test"], p_full["test"])
+
+
 def one_hot_noisy(labels: np.ndarray, correct: float, rng: np.random.Generator, classes: int = 3) -> np.ndarray:
     """Probabilities that put 0.8 on the true class for a ``correct`` share of rows, else on a wrong class."""
     guess = np.where(rng.random(len(labels)) < correct, labels, (labels + 1) % classes)

@@ -259,7 +259,7 @@ def test_groups_hold_what_they_promise():
     assert {"lr", "epochs", "seed", "pretrained_embeddings", "adversarial_eps", "swa_start"} <= set(fields_of("training"))
     assert set(fields_of("machine")) == {"device", "precision", "eval_batch_size", "num_workers", "num_threads",
                                          "num_processes"}
-    assert set(fields_of("run")) == {"run_dir", "resume", "baseline"}
+    assert set(fields_of("run")) == {"run_dir", "resume", "baseline", "baseline_max_train_samples"}
 
 
 def test_config_group_returns_those_fields_with_their_values():

@@ -26,7 +26,8 @@ TRACE_ENV = "HYBRIDLIB_TEST_TRACE_DIR"
 
 # DDP (2 x 8 texts per step) vs one process (16 texts per step) on the same batches: without dropout
 # and length bucketing both see identical global batches, so they differ only by float rounding.
-COMPARABLE = {"dropout": 0.0, "embed_dropout": 0.0, "bucket_by_length": False, "epochs": 2, "batch_size": 16}
+COMPARABLE = {"dropout": 0.0, "embed_dropout": 0.0, "bucket_by_length": False, "epochs": 2, "batch_size": 16,
+              "pretrained_embeddings": "ppmi"}  # rank 0 alone computes ppmi: DDP must still match the single run
 LOSS_TOL = 1e-4  # absolute, on per-epoch train/val loss (measured: < 1e-6)
 ACC_TOL = 1 / 48 + 1e-9  # at most one of the 48 validation texts may flip (measured: none)
 WEIGHT_TOL = 1e-3  # max |w_ddp - w_single| of the saved best model (measured: ~1e-6)
@@ -71,8 +72,16 @@ def traced_worker(cfg, run_dir, data, progress=True):
         threads["end"] = torch.get_num_threads()  # as the run's num_threads set it
         return out
 
+    inits = []
+    real_init = training.initialise_embedding
+
+    def recording_init(*args, **kwargs):
+        inits.append(args[1])
+        return real_init(*args, **kwargs)
+
     LengthBucketSampler.__iter__ = recording_iter
     training.train = recording_train  # train_worker calls it inside the process group
+    training.initialise_embedding = recording_init
     sys.addaudithook(audit)
     result = training.train_worker(cfg, run_dir, data, progress)
     record = {
@@ -82,6 +91,7 @@ def traced_worker(cfg, run_dir, data, progress=True):
         "cache_files": [f["filename"] for f in data.splits["train"].cache_files],
         "cpus": distributed._cpu_count(),
         "threads": threads,
+        "embedding_inits": inits,
     }
     Path(os.environ[TRACE_ENV], f"rank{rank}.json").write_text(json.dumps(record))
     return result
@@ -138,6 +148,12 @@ def test_workers_share_the_parents_tokenized_data(runs):
     parent = [f["filename"] for f in runs["data"].splits["train"].cache_files]
     assert parent, "prepare_data should return memory-mapped (cached) splits"
     assert runs["traces"][0]["cache_files"] == runs["traces"][1]["cache_files"] == parent
+
+
+def test_ppmi_is_computed_by_rank_0_alone(runs):
+    """DDP gives every rank rank 0's weights when it wraps the model: the other ranks skip the PPMI vectors."""
+    assert runs["cfg"].pretrained_embeddings == "ppmi"
+    assert runs["traces"][0]["embedding_inits"] == ["ppmi"] and runs["traces"][1]["embedding_inits"] == []
 
 
 def test_workers_share_the_cores_then_use_the_runs_num_threads(runs):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from hybridlib.config import Config
@@ -79,6 +81,32 @@ def test_cooccurrences_are_weighted_by_distance_and_never_span_two_texts():
     assert counts[1].sum() == 0
 
 
+def one_shot_cooccurrences(token_ids, vocab_size, skip=(), window=5):
+    """The former whole-corpus cooccurrences: one concatenated array, one float CSR per distance (scipy sums the
+    duplicates of a pair in order), folded as counts + P_d + P_d.T."""
+    gap = np.full(window, -1)
+    ids = np.concatenate([x for s in token_ids for x in (np.asarray(s, dtype=np.int64), gap)] or [gap])
+    ids[np.isin(ids, list(skip))] = -1
+    counts = sp.csr_matrix((vocab_size, vocab_size))
+    for d in range(1, window + 1):
+        a, b = ids[:-d], ids[d:]
+        ok = (a >= 0) & (b >= 0)
+        pairs = sp.csr_matrix((np.full(ok.sum(), 1.0 / d), (a[ok], b[ok])), shape=(vocab_size, vocab_size))
+        counts = counts + pairs + pairs.T
+    return counts
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 50, 1 << 22])
+def test_chunked_cooccurrences_equal_the_one_shot_sums_bit_for_bit(chunk_tokens):
+    rng = np.random.default_rng(7)
+    texts = [rng.zipf(1.3, rng.integers(0, 300)) % V for _ in range(300)] + [[]]  # frequent pairs: long sums
+    ref = one_shot_cooccurrences(texts, V, skip=[1, 2])
+    got = cooccurrences(iter(texts), V, skip=[1, 2], chunk_tokens=chunk_tokens)
+    assert ref.data.max() > 100  # sums long enough for their rounding to depend on the order
+    for attr in ("indptr", "indices", "data"):
+        assert getattr(got, attr).tobytes() == getattr(ref, attr).tobytes()
+
+
 def test_ppmi_with_no_co_occurrences_is_refused_by_name():
     with pytest.raises(ConfigError, match="ppmi needs training texts"):
         ppmi_vectors([[3], [4]], V, dim=8)
@@ -99,7 +127,9 @@ def fake_data(vocab_size: int = V, train_ids: list[list[int]] | None = None) -> 
     """What init_model reads of a hybridlib.data.Data: sizes, labels, pad id, special ids, the training token ids."""
     tok = SimpleNamespace(all_special_ids=[0, 1, 2])
     return SimpleNamespace(vocab_size=vocab_size, label_names=["a", "b", "c"], pad_id=0, tokenizer=tok,
-                           splits={"train": {"input_ids": corpus() if train_ids is None else train_ids}})
+                           splits={"train": datasets.Dataset.from_dict(
+                               {"input_ids": corpus() if train_ids is None else train_ids},
+                               features=datasets.Features({"input_ids": datasets.List(datasets.Value("int64"))}))})
 
 
 def small_cfg(**overrides) -> Config:
