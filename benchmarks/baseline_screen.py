@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -120,13 +119,10 @@ def fit_tfidf_wide(data, seed: int) -> dict[str, Any]:
 BASELINES = {"tfidf_logreg": fit_tfidf, "tfidf_wide": fit_tfidf_wide, "nblr": fit_nblr}
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-
-
 def screen_one(params: str, overrides: dict[str, Any], seed: int, name: str) -> dict[str, Any]:
     """One baseline on one seed's splits, in this (fresh) process."""
     from hybridlib.data import prepare_data
+    from hybridlib.runtime import peak_rss_mb
 
     cfg = load_config(params, {**overrides, "seed": seed})
     data = prepare_data(cfg)

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -93,6 +92,7 @@ def tree_peak(box: dict) -> None:
 def stage(a: argparse.Namespace) -> dict:
     """Run one stage here; its seconds (and sub-figures)."""
     from hybridlib.data import prepare_data
+    from hybridlib.runtime import peak_rss_mb
 
     cfg = config(a, a.size)
     out: dict = {}
@@ -110,7 +110,7 @@ def stage(a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         init_model(cfg, data, torch.device("cpu"))
     elif a.stage == "train":
-        from hybridlib.files import read_json
+        from hybridlib.files import TRAIN_INFO_FILE, read_json
         from hybridlib.pipeline import prepare_run
         from hybridlib.runs import read_history
         from hybridlib.training import fit
@@ -119,7 +119,7 @@ def stage(a: argparse.Namespace) -> dict:
         result = fit(cfg, run_dir, progress=False)
         out["epoch"] = float(sum(r["seconds"] for r in read_history(run_dir)))
         out["val_accuracy"] = result.best_val_accuracy
-        out["train_peak_rss_mb"] = read_json(Path(run_dir) / "train_info.json")["peak_rss_mb"]
+        out["train_peak_rss_mb"] = read_json(Path(run_dir) / TRAIN_INFO_FILE)["peak_rss_mb"]
     elif a.stage == "evaluate":
         from hybridlib.evaluation import evaluate_run
 
@@ -129,7 +129,7 @@ def stage(a: argparse.Namespace) -> dict:
         out["baseline"] = m["baselines"]["tfidf_logreg"]["seconds"]
         out["test_accuracy"], out["baseline_test_accuracy"] = m["test_accuracy"], m["baselines"]["tfidf_logreg"]["test_accuracy"]
     out["seconds"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     out["tree_peak_mb"] = tree.get("mb", 0.0)
     proc = Path("/proc/self/status")  # Linux: at the end, file-backed pages (memory-mapped Arrow) vs the process's own
     status = dict(line.split(":", 1) for line in proc.read_text().splitlines()) if proc.is_file() else {}
