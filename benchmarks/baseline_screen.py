@@ -73,9 +73,10 @@ def interpolated(fits: list[tuple[np.ndarray, float]], ratios: list[np.ndarray],
     return np.vstack(coef), np.asarray([b for _, b in fits])
 
 
-def fit_nblr(data, seed: int) -> dict[str, Any]:
+def fit_nblr(data, seed: int, probs: dict | None = None) -> dict[str, Any]:
     """NB-LR on data's splits: one (binary) or one-per-class (one-vs-rest) LR on r-scaled n-gram presence;
-    one C for all classes, the best validation accuracy (the first of equals, in grid order)."""
+    one C for all classes, the best validation accuracy (the first of equals, in grid order). ``probs``, if
+    given, receives the chosen fit's validation and test class probabilities."""
     from sklearn.linear_model import LogisticRegression
 
     train, val, test = (data.splits[s] for s in ("train", "validation", "test"))
@@ -100,6 +101,8 @@ def fit_nblr(data, seed: int) -> dict[str, Any]:
                 best = (acc, c, beta, coef, intercept)
     val_acc, c, beta, coef, intercept = best
     p_test = nblr_probs(x_test @ coef.T + intercept)
+    if probs is not None:
+        probs.update(validation=nblr_probs(x_val @ coef.T + intercept), test=p_test)
     return {"C": c, "beta": beta, "val_accuracy": val_acc, "test_accuracy": float((p_test.argmax(1) == y_test).mean()),
             "nonzero_weights": int((coef != 0).any(0).sum())}
 

@@ -13,7 +13,15 @@ probabilities of three predictors: ``best`` (model.pt: the kept weights, average
   fitted on the validation split; its validation accuracy is 5-fold cross-validated (out of sample), its test
   accuracy from the fit on the whole validation split.
 
-Validation accuracy decides (docs/accuracy.md, round 13); test accuracy is reported.
+Round 14's candidates, every validation figure out of sample (5-fold cross-validation on validation):
+
+- ``mix (CV)``: the shipped mix, w chosen on the four other folds by log-loss;
+- ``stack (CV)``: ``stack best, tfidf`` again;
+- ``choose (nested)``: per run, whichever of the two has the higher cross-validated accuracy (ties: the mix),
+  estimated by nested cross-validation; its test accuracy: the choice made on all of validation, fitted on it.
+
+``--baseline nblr`` replaces the run's TF-IDF model by NB-LR (benchmarks/baseline_screen.py) fitted on the run's
+own split. Validation accuracy decides (docs/accuracy.md, rounds 13 and 14); test accuracy is reported.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from hybridlib.baselines import ensemble, load_tfidf_logreg, tfidf_proba
+from hybridlib.baselines import ENSEMBLE_WEIGHTS, ensemble, load_tfidf_logreg, mix_probs, tfidf_proba
 from hybridlib.checkpoints import load_checkpoint, load_model, model_from_checkpoint
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
@@ -39,8 +47,10 @@ from hybridlib.files import LAST_FILE, MODEL_FILE, PARAMS_FILE, TFIDF_FILE
 SPLITS = ("validation", "test")
 
 
-def run_probabilities(run_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], str]:
-    """({predictor: {split: (N, C) probabilities}}, {split: labels}, dataset name) for one finished run."""
+def run_probabilities(run_dir: Path, baseline: str = "tfidf",
+                      ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], str]:
+    """({predictor: {split: (N, C) probabilities}}, {split: labels}, dataset name) for one finished run; with
+    ``baseline`` "nblr", the "tfidf" entry holds NB-LR's probabilities, fitted on the run's split."""
     cfg = load_config(run_dir / PARAMS_FILE)
     data = prepare_data(cfg)
     best, ckpt = load_model(run_dir / MODEL_FILE)
@@ -55,6 +65,11 @@ def run_probabilities(run_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], 
             probs["best"][split], labels[split] = out["probs"].astype(np.float64), out["labels"]
             probs["last"][split] = evaluate_split(last, ds, cfg, data.pad_id, progress=False)["probs"].astype(np.float64)
         probs["tfidf"][split] = tfidf_proba(pipe, list(ds["text"]), len(data.label_names))
+    if baseline == "nblr":
+        from baseline_screen import fit_nblr  # this script's neighbour (run as a script from benchmarks/)
+
+        probs["tfidf"] = {}
+        fit_nblr(data, cfg.seed, probs=probs["tfidf"])
     return probs, labels, cfg.dataset
 
 
@@ -72,8 +87,55 @@ def stacked(parts: list[dict[str, np.ndarray]], labels: dict[str, np.ndarray], s
             "test_accuracy": float((clf.predict(features("test")) == labels["test"]).mean())}
 
 
-def screen(run_dir: Path) -> dict[str, Any]:
-    probs, labels, dataset = run_probabilities(run_dir)
+def log_features(*parts: np.ndarray) -> np.ndarray:
+    return np.hstack([np.log(np.clip(p, 1e-7, 1.0)) for p in parts])
+
+
+def choose_weight(model: np.ndarray, other: np.ndarray, y: np.ndarray) -> float:
+    """The mix weight with the lowest log-loss on these texts (as hybridlib.baselines.ensemble chooses it)."""
+    from sklearn.metrics import log_loss
+
+    classes = list(range(model.shape[1]))
+    return float(ENSEMBLE_WEIGHTS[int(np.argmin([log_loss(y, mix_probs(model, other, w), labels=classes)
+                                                 for w in ENSEMBLE_WEIGHTS]))])
+
+
+def cv_predictions(kind: str, model: np.ndarray, other: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """5-fold out-of-fold predictions on these texts of the mix ("mix") or the stack ("stack")."""
+    pred = np.empty(len(y), dtype=np.int64)
+    for fit, held in StratifiedKFold(5, shuffle=True, random_state=seed).split(model, y):
+        pred[held] = fitted(kind, model[fit], other[fit], y[fit])(model[held], other[held])
+    return pred
+
+
+def fitted(kind: str, model: np.ndarray, other: np.ndarray, y: np.ndarray):
+    """A predictor (model probs, other probs) -> labels: the mix, the stack, or "choose" (by 5-fold CV here)."""
+    if kind == "choose":
+        acc = {k: (cv_predictions(k, model, other, y, seed=0) == y).mean() for k in ("mix", "stack")}
+        kind = "stack" if acc["stack"] > acc["mix"] else "mix"
+    if kind == "mix":
+        w = choose_weight(model, other, y)
+        return lambda m, o: mix_probs(m, o, w).argmax(1)
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit(log_features(model, other), y)
+    return lambda m, o: clf.predict(log_features(m, o))
+
+
+def round14(probs: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Out-of-sample validation accuracy (5-fold CV; "choose": nested, outer folds seeded 1) and test accuracy of
+    the mix, the stack and the per-run choice between them, on the model's best weights and the baseline."""
+    (mv, ov), (mt, ot) = ((probs["best"][s], probs["tfidf"][s]) for s in SPLITS)
+    y = labels["validation"]
+    rows = {}
+    for kind, name in (("mix", "mix (CV)"), ("stack", "stack (CV)"), ("choose", "choose (nested)")):
+        val = cv_predictions(kind, mv, ov, y, seed=1 if kind == "choose" else 0)
+        test = fitted(kind, mv, ov, y)(mt, ot)
+        rows[name] = {"val_accuracy": float((val == y).mean()), "test_accuracy": float((test == labels["test"]).mean()),
+                      "val_correct": int((val == y).sum()), "val_texts": len(y)}
+    return rows
+
+
+def screen(run_dir: Path, baseline: str = "tfidf") -> dict[str, Any]:
+    probs, labels, dataset = run_probabilities(run_dir, baseline)
     row: dict[str, Any] = {"run": run_dir.name, "dataset": dataset}
     for name, p in probs.items():
         accuracy = [float((p[s].argmax(1) == labels[s]).mean()) for s in SPLITS]
@@ -83,21 +145,25 @@ def screen(run_dir: Path) -> dict[str, Any]:
     row["best+last, tfidf"] = ensemble(both, probs["tfidf"], labels)
     row["stack best, tfidf"] = stacked([probs["best"], probs["tfidf"]], labels, seed=0)
     row["stack best, last, tfidf"] = stacked([probs["best"], probs["last"], probs["tfidf"]], labels, seed=0)
+    row.update(round14(probs, labels))
     return row
 
 
-CANDIDATES = ("best", "last", "tfidf", "incumbent", "best+last, tfidf", "stack best, tfidf", "stack best, last, tfidf")
+CANDIDATES = ("best", "last", "tfidf", "incumbent", "best+last, tfidf", "stack best, tfidf", "stack best, last, tfidf",
+              "mix (CV)", "stack (CV)", "choose (nested)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--baseline", choices=("tfidf", "nblr"), default="tfidf",
+                    help="the run's TF-IDF + LR, or NB-LR fitted on the run's split (shown in the tfidf column)")
     a = ap.parse_args(argv)
     rows = []
     print(f"{'run':28s}" + "".join(f"{c[:24]:>26s}" for c in CANDIDATES) + "   (val / test %)")
     for run in a.runs:
-        r = screen(run)
+        r = screen(run, a.baseline)
         rows.append(r)
         print(f"{r['run']:28s}" + "".join(
             f"{100 * r[c]['val_accuracy']:>13.2f} / {100 * r[c]['test_accuracy']:<10.2f}" for c in CANDIDATES), flush=True)
