@@ -1,5 +1,6 @@
-"""Screen the classic baseline on the pipeline's own splits: TF-IDF 1-2-gram + LR (hybridlib.baselines, as every
-run fits it) against NB-LR (NBSVM with a logistic regression: Wang & Manning 2012; Mesnil et al. 2014).
+"""Screen the classic baseline on the pipeline's own splits: TF-IDF 1-2-gram + LR (the baseline of runs made before
+round 14) against NB-LR (hybridlib.baselines.nblr, every run's baseline since: NBSVM with a logistic regression,
+Wang & Manning 2012; Mesnil et al. 2014).
 
     OMP_NUM_THREADS=1 python benchmarks/baseline_screen.py params/imdb.yaml -p data_dir ../shared/data/imdb \\
         -p tokenizer ../shared/tokenizers/bert-base-uncased -p val_size 0.3 --seeds 42 43 44
@@ -24,102 +25,43 @@ import numpy as np
 
 from hybridlib.config import load_config, parse_cli_value
 
-NB_NGRAMS = (1, 3)
-NB_HASH_FEATURES = 2 ** 23  # the n-gram cap: 8.4M hashed buckets, memory bounded whatever the corpus size
-# round 12 (docs/accuracy.md): round 11's grids (C 0.03-10, beta 0.25-1) widened at the edges its choices hit
-NB_C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-NB_BETA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)  # Wang & Manning's interpolation w' = (1 - beta) * mean|w| + beta * w
-TFIDF_WIDE_C_GRID = (1.0, 4.0, 16.0, 64.0)  # the pipeline's C grid (1, 4, 16) and the next step up
-NB_ALPHA = 1.0  # the naive-Bayes count smoothing
+TFIDF_C_GRID = (1.0, 4.0, 16.0)  # the grid of the TF-IDF + LR baseline runs fitted before NB-LR replaced it
+TFIDF_WIDE_C_GRID = (1.0, 4.0, 16.0, 64.0)  # ... and the next step up (round 12)
 
 
-def nb_vectorizer():
-    """Binarized 1-3-gram presence, hashed (no vocabulary to hold or save)."""
-    from sklearn.feature_extraction.text import HashingVectorizer
-
-    return HashingVectorizer(ngram_range=NB_NGRAMS, n_features=NB_HASH_FEATURES, binary=True, norm=None,
-                             alternate_sign=False, strip_accents="unicode")
-
-
-def log_count_ratio(x, positive: np.ndarray, alpha: float = NB_ALPHA) -> np.ndarray:
-    """Wang & Manning's r = log((p / |p|_1) / (q / |q|_1)) over the n-grams seen in training (0 elsewhere)."""
-    p = np.asarray(x[positive].sum(0)).ravel()
-    q = np.asarray(x[~positive].sum(0)).ravel()
-    seen = (p + q) > 0
-    p, q = np.where(seen, p + alpha, 0.0), np.where(seen, q + alpha, 0.0)
-    r = np.zeros_like(p)
-    r[seen] = np.log(p[seen] / p.sum()) - np.log(q[seen] / q.sum())
-    return r
-
-
-def nblr_probs(scores: np.ndarray) -> np.ndarray:
-    """Class probabilities from the per-class decision values: a binary task has one column (class 1);
-    one-vs-rest sigmoids are renormalised to sum to 1."""
-    s = 1.0 / (1.0 + np.exp(-scores))
-    if s.shape[1] == 1:
-        return np.hstack([1.0 - s, s])
-    return s / s.sum(1, keepdims=True)
-
-
-def interpolated(fits: list[tuple[np.ndarray, float]], ratios: list[np.ndarray], beta: float,
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per class: w' = (1 - beta) * mean|w| + beta * w over the n-grams seen in training, then the linear
-    function of the unscaled presence features, w' * r (r is 0 for unseen n-grams)."""
-    coef = []
-    for (w, _), r in zip(fits, ratios):
-        seen = r != 0
-        mean_abs = np.abs(w[seen]).mean() if seen.any() else 0.0
-        coef.append(((1 - beta) * mean_abs + beta * w) * r)
-    return np.vstack(coef), np.asarray([b for _, b in fits])
-
-
-def fit_nblr(data, seed: int, probs: dict | None = None) -> dict[str, Any]:
-    """NB-LR on data's splits: one (binary) or one-per-class (one-vs-rest) LR on r-scaled n-gram presence;
-    one C for all classes, the best validation accuracy (the first of equals, in grid order). ``probs``, if
-    given, receives the chosen fit's validation and test class probabilities."""
+def tfidf_logreg(data, seed: int, c_grid: tuple[float, ...] = TFIDF_C_GRID) -> dict[str, Any]:
+    """TF-IDF 1-2-gram + LR as every run fitted it until round 14: the best C on validation (the first of equals)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     train, val, test = (data.splits[s] for s in ("train", "validation", "test"))
-    vec = nb_vectorizer()
-    x_train, x_val, x_test = (vec.transform(s["text"]) for s in (train, val, test))
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_df=0.9, sublinear_tf=True, strip_accents="unicode")
+    x_train = vec.fit_transform(train["text"])
+    x_val, x_test = vec.transform(val["text"]), vec.transform(test["text"])
     y_train, y_val, y_test = (np.asarray(s["label"]) for s in (train, val, test))
-    num_classes = len(data.label_names)
-    targets = [1] if num_classes == 2 else list(range(num_classes))
-    ratios = [log_count_ratio(x_train, y_train == k) for k in targets]
-    scaled = [x_train.multiply(r).tocsr() for r in ratios]
     best = None
-    for c in NB_C_GRID:
-        fits = []
-        for k, xk in zip(targets, scaled):
-            clf = LogisticRegression(C=c, solver="liblinear", dual=True, max_iter=1000, random_state=seed)
-            clf.fit(xk, (y_train == k).astype(int))
-            fits.append((clf.coef_[0], clf.intercept_[0]))
-        for beta in NB_BETA_GRID:
-            coef, intercept = interpolated(fits, ratios, beta)
-            acc = float((nblr_probs(x_val @ coef.T + intercept).argmax(1) == y_val).mean())
-            if best is None or acc > best[0]:
-                best = (acc, c, beta, coef, intercept)
-    val_acc, c, beta, coef, intercept = best
-    p_test = nblr_probs(x_test @ coef.T + intercept)
-    if probs is not None:
-        probs.update(validation=nblr_probs(x_val @ coef.T + intercept), test=p_test)
-    return {"C": c, "beta": beta, "val_accuracy": val_acc, "test_accuracy": float((p_test.argmax(1) == y_test).mean()),
-            "nonzero_weights": int((coef != 0).any(0).sum())}
-
-
-def fit_tfidf(data, seed: int, **grid: Any) -> dict[str, Any]:
-    """Today's baseline, exactly as evaluation.py calls it (one job); ``grid``: another ``c_grid``."""
-    from hybridlib.baselines import tfidf_logreg
-
-    summary, _, _ = tfidf_logreg(data, seed=seed, n_jobs=1, **grid)
-    return {k: summary[k] for k in ("C", "val_accuracy", "test_accuracy")}
+    for c in c_grid:
+        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x_train, y_train)
+        acc = float((clf.predict(x_val) == y_val).mean())
+        if best is None or acc > best[0]:
+            best = (acc, c, clf)
+    val_acc, c, clf = best
+    return {"C": c, "val_accuracy": val_acc, "test_accuracy": float((clf.predict(x_test) == y_test).mean())}
 
 
 def fit_tfidf_wide(data, seed: int) -> dict[str, Any]:
-    return fit_tfidf(data, seed, c_grid=TFIDF_WIDE_C_GRID)
+    return tfidf_logreg(data, seed, c_grid=TFIDF_WIDE_C_GRID)
 
 
-BASELINES = {"tfidf_logreg": fit_tfidf, "tfidf_wide": fit_tfidf_wide, "nblr": fit_nblr}
+def fit_nblr(data, seed: int) -> dict[str, Any]:
+    """The pipeline's baseline (hybridlib.baselines.nblr), one job."""
+    from hybridlib.baselines import nblr
+
+    summary, _, model = nblr(data, seed)
+    return {**{k: summary[k] for k in ("C", "beta", "val_accuracy", "test_accuracy")}, "nonzero_weights": model.coef.nnz}
+
+
+BASELINES = {"tfidf_logreg": tfidf_logreg, "tfidf_wide": fit_tfidf_wide, "nblr": fit_nblr}
 
 
 def screen_one(params: str, overrides: dict[str, Any], seed: int, name: str) -> dict[str, Any]:

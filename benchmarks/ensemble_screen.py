@@ -1,27 +1,27 @@
-"""Screen ensembles on finished runs: the shipped model + TF-IDF average against cheap, principled alternatives.
+"""Screen ensembles on finished runs: the shipped model + baseline average against cheap, principled alternatives.
 
     python benchmarks/ensemble_screen.py outputs/ag_news-val30-s45 outputs/ag_news-val30-s46 ... [--json FILE]
 
 For each run folder (trained and evaluated by ``hybridlib run``) it rebuilds the run's splits from its params.yaml
 (``load_config`` + ``prepare_data``: the very splits the run used) and computes validation and test class
 probabilities of three predictors: ``best`` (model.pt: the kept weights, averaged from ``swa_start`` on), ``last``
-(last.pt's weights at the last epoch, not averaged) and ``tfidf`` (the run's tfidf_logreg.npz). Candidates:
+(last.pt's weights at the last epoch, not averaged) and ``baseline`` (the run's nblr.npz, or tfidf_logreg.npz in runs made before NB-LR). Candidates:
 
-- ``incumbent``: what the run ships, ``(1 - w)·best + w·tfidf``, w on validation log-loss (hybridlib.baselines.ensemble);
-- ``best+last, tfidf``: best and last averaged with equal weights, then the same mix with tfidf;
-- ``stack best, tfidf`` / ``stack best, last, tfidf``: a logistic regression on the predictors' log-probabilities,
+- ``incumbent``: what the run ships, ``(1 - w)·best + w·baseline``, w on validation log-loss (hybridlib.baselines.ensemble);
+- ``best+last, baseline``: best and last averaged with equal weights, then the same mix with the baseline;
+- ``stack best, baseline`` / ``stack best, last, baseline``: a logistic regression on the predictors' log-probabilities,
   fitted on the validation split; its validation accuracy is 5-fold cross-validated (out of sample), its test
   accuracy from the fit on the whole validation split.
 
 Round 14's candidates, every validation figure out of sample (5-fold cross-validation on validation):
 
 - ``mix (CV)``: the shipped mix, w chosen on the four other folds by log-loss;
-- ``stack (CV)``: ``stack best, tfidf`` again;
+- ``stack (CV)``: ``stack best, baseline`` again;
 - ``choose (nested)``: per run, whichever of the two has the higher cross-validated accuracy (ties: the mix),
   estimated by nested cross-validation; its test accuracy: the choice made on all of validation, fitted on it.
 
-``--baseline nblr`` replaces the run's TF-IDF model by NB-LR (benchmarks/baseline_screen.py) fitted on the run's
-own split. Validation accuracy decides (docs/accuracy.md, rounds 13 and 14); test accuracy is reported.
+``--baseline nblr`` replaces the run's baseline by NB-LR (hybridlib.baselines.nblr) fitted on the run's own split
+(for runs made before NB-LR). Validation accuracy decides (docs/accuracy.md, rounds 13 and 14); test accuracy is reported.
 """
 
 from __future__ import annotations
@@ -37,26 +37,39 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from hybridlib.baselines import ENSEMBLE_WEIGHTS, ensemble, load_tfidf_logreg, mix_probs, tfidf_proba
+from hybridlib.baselines import (
+    ENSEMBLE_WEIGHTS,
+    ensemble,
+    load_nblr,
+    load_tfidf_logreg,
+    mix_probs,
+    nblr,
+    tfidf_proba,
+)
 from hybridlib.checkpoints import load_checkpoint, load_model, model_from_checkpoint
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.evaluation import evaluate_split
-from hybridlib.files import LAST_FILE, MODEL_FILE, PARAMS_FILE, TFIDF_FILE
+from hybridlib.files import LAST_FILE, MODEL_FILE, NBLR_FILE, PARAMS_FILE, TFIDF_FILE
 
 SPLITS = ("validation", "test")
 
 
-def run_probabilities(run_dir: Path, baseline: str = "tfidf",
+def run_probabilities(run_dir: Path, baseline: str = "baseline",
                       ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], str]:
     """({predictor: {split: (N, C) probabilities}}, {split: labels}, dataset name) for one finished run; with
-    ``baseline`` "nblr", the "tfidf" entry holds NB-LR's probabilities, fitted on the run's split."""
+    ``baseline`` "nblr", the "baseline" entry holds NB-LR's probabilities, fitted on the run's split."""
     cfg = load_config(run_dir / PARAMS_FILE)
     data = prepare_data(cfg)
     best, ckpt = load_model(run_dir / MODEL_FILE)
     last = model_from_checkpoint({**ckpt, "model": load_checkpoint(run_dir / LAST_FILE)["model"]})
-    pipe = load_tfidf_logreg(run_dir / TFIDF_FILE)
-    probs: dict[str, dict[str, np.ndarray]] = {"best": {}, "last": {}, "tfidf": {}}
+    k = len(data.label_names)
+    if (run_dir / NBLR_FILE).is_file():
+        baseline_proba = load_nblr(run_dir / NBLR_FILE).predict_proba
+    else:  # a run made before NB-LR
+        pipe = load_tfidf_logreg(run_dir / TFIDF_FILE)
+        baseline_proba = lambda texts: tfidf_proba(pipe, texts, k)  # noqa: E731
+    probs: dict[str, dict[str, np.ndarray]] = {"best": {}, "last": {}, "baseline": {}}
     labels = {}
     for split in SPLITS:
         ds = data.splits[split]
@@ -64,12 +77,9 @@ def run_probabilities(run_dir: Path, baseline: str = "tfidf",
             out = evaluate_split(best, ds, cfg, data.pad_id, progress=False)
             probs["best"][split], labels[split] = out["probs"].astype(np.float64), out["labels"]
             probs["last"][split] = evaluate_split(last, ds, cfg, data.pad_id, progress=False)["probs"].astype(np.float64)
-        probs["tfidf"][split] = tfidf_proba(pipe, list(ds["text"]), len(data.label_names))
+        probs["baseline"][split] = baseline_proba(list(ds["text"]))
     if baseline == "nblr":
-        from baseline_screen import fit_nblr  # this script's neighbour (run as a script from benchmarks/)
-
-        probs["tfidf"] = {}
-        fit_nblr(data, cfg.seed, probs=probs["tfidf"])
+        probs["baseline"] = nblr(data, cfg.seed, n_jobs=2)[1]
     return probs, labels, cfg.dataset
 
 
@@ -123,7 +133,7 @@ def fitted(kind: str, model: np.ndarray, other: np.ndarray, y: np.ndarray):
 def round14(probs: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Out-of-sample validation accuracy (5-fold CV; "choose": nested, outer folds seeded 1) and test accuracy of
     the mix, the stack and the per-run choice between them, on the model's best weights and the baseline."""
-    (mv, ov), (mt, ot) = ((probs["best"][s], probs["tfidf"][s]) for s in SPLITS)
+    (mv, ov), (mt, ot) = ((probs["best"][s], probs["baseline"][s]) for s in SPLITS)
     y = labels["validation"]
     rows = {}
     for kind, name in (("mix", "mix (CV)"), ("stack", "stack (CV)"), ("choose", "choose (nested)")):
@@ -134,22 +144,22 @@ def round14(probs: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarra
     return rows
 
 
-def screen(run_dir: Path, baseline: str = "tfidf") -> dict[str, Any]:
+def screen(run_dir: Path, baseline: str = "baseline") -> dict[str, Any]:
     probs, labels, dataset = run_probabilities(run_dir, baseline)
     row: dict[str, Any] = {"run": run_dir.name, "dataset": dataset}
     for name, p in probs.items():
         accuracy = [float((p[s].argmax(1) == labels[s]).mean()) for s in SPLITS]
         row[name] = dict(zip(("val_accuracy", "test_accuracy"), accuracy))
-    row["incumbent"] = ensemble(probs["best"], probs["tfidf"], labels)
+    row["incumbent"] = ensemble(probs["best"], probs["baseline"], labels)
     both = {s: (probs["best"][s] + probs["last"][s]) / 2 for s in SPLITS}
-    row["best+last, tfidf"] = ensemble(both, probs["tfidf"], labels)
-    row["stack best, tfidf"] = stacked([probs["best"], probs["tfidf"]], labels, seed=0)
-    row["stack best, last, tfidf"] = stacked([probs["best"], probs["last"], probs["tfidf"]], labels, seed=0)
+    row["best+last, baseline"] = ensemble(both, probs["baseline"], labels)
+    row["stack best, baseline"] = stacked([probs["best"], probs["baseline"]], labels, seed=0)
+    row["stack best, last, baseline"] = stacked([probs["best"], probs["last"], probs["baseline"]], labels, seed=0)
     row.update(round14(probs, labels))
     return row
 
 
-CANDIDATES = ("best", "last", "tfidf", "incumbent", "best+last, tfidf", "stack best, tfidf", "stack best, last, tfidf",
+CANDIDATES = ("best", "last", "baseline", "incumbent", "best+last, baseline", "stack best, baseline", "stack best, last, baseline",
               "mix (CV)", "stack (CV)", "choose (nested)")
 
 
@@ -157,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--json", help="also write the rows to this file")
-    ap.add_argument("--baseline", choices=("tfidf", "nblr"), default="tfidf",
-                    help="the run's TF-IDF + LR, or NB-LR fitted on the run's split (shown in the tfidf column)")
+    ap.add_argument("--baseline", choices=("baseline", "nblr"), default="baseline",
+                    help="the run's own baseline, or NB-LR fitted on the run's split")
     a = ap.parse_args(argv)
     rows = []
     print(f"{'run':28s}" + "".join(f"{c[:24]:>26s}" for c in CANDIDATES) + "   (val / test %)")

@@ -1,20 +1,24 @@
-"""The classic baseline every run is measured against: TF-IDF (1-2-grams) + logistic regression,
-fitted on exactly the same train split, tuned on the same validation split, scored on the same test;
-and the ensemble of the model with it (class probabilities averaged, weight chosen on validation).
+"""The classic baseline every run is measured against: NB-LR (NBSVM with a logistic regression, Wang & Manning
+2012): binarized 1-3-gram presence (hashed), each class's naive-Bayes log-count ratio ``r``, a logistic regression per
+class on the r-scaled features, C and the interpolation β chosen on the same validation split, scored on the same
+test split; and the ensemble of the model with it (class probabilities averaged, weight chosen on validation).
 
-The fitted baseline is saved beside the model as ``tfidf_logreg.npz`` (plain arrays, no pickle), so
-``Predictor.from_run(run, ensemble=True)`` can serve the ensemble too.
+The fitted baseline is saved beside the model as ``nblr.npz`` (plain arrays, no pickle), so
+``Predictor.from_run(run, ensemble=True)`` can serve the ensemble too. Runs made before NB-LR saved TF-IDF + LR
+(``tfidf_logreg.npz``); :func:`load_tfidf_logreg` still serves them.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import HashingVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from sklearn.pipeline import Pipeline
@@ -23,43 +27,118 @@ from sklearn.utils.parallel import Parallel, delayed
 from hybridlib.errors import CheckpointError
 from hybridlib.files import atomic_write
 
-C_GRID = (1.0, 4.0, 16.0)
+NGRAMS = (1, 3)
+HASH_FEATURES = 2 ** 23  # the n-gram cap: hashed buckets, no vocabulary held, memory bounded whatever the corpus
+C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+BETA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)  # Wang & Manning's interpolation w' = (1 - beta) * mean|w| + beta * w
+NB_ALPHA = 1.0  # the naive-Bayes count smoothing
 ENSEMBLE_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
-# what TfidfVectorizer.transform needs besides the vocabulary and idf (fit-only settings such as min_df are not)
-_VECTORIZER_KEYS = ("lowercase", "strip_accents", "token_pattern", "ngram_range", "analyzer", "norm", "use_idf",
-                    "smooth_idf", "sublinear_tf", "dtype")
 
 
-def tfidf_logreg(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, n_jobs: int = 1,
-                 max_train: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], Pipeline]:
-    """Fit TF-IDF 1-2-gram + LR for each C, keep the best on validation (the first of equals, in grid order).
+def ngram_presence(texts, n_features: int = HASH_FEATURES) -> sp.csr_matrix:
+    """Binary 1-3-gram presence of ``texts``, hashed into ``n_features`` buckets (stateless: nothing to fit)."""
+    vec = HashingVectorizer(ngram_range=NGRAMS, n_features=n_features, binary=True, norm=None,
+                            alternate_sign=False, strip_accents="unicode")
+    return vec.transform(texts)
 
-    ``n_jobs``: the values of C are fitted in this many processes at once (joblib); the result is the same.
-    ``max_train``: fit on a sample of at most this many training texts (seeded, in split order); None: all.
-    Returns (summary for metrics.json: C, validation and test accuracy, test macro F1, seconds;
-    class probabilities {"validation": (N, C), "test": (N, C)} for :func:`ensemble`;
-    the fitted ``Pipeline([("tfidf", ...), ("logreg", ...)])`` for :func:`save_tfidf_logreg`).
+
+@dataclass
+class NBLR:
+    """A fitted NB-LR: ``coef`` (rows, n_features) sparse, one row for two classes (class 1), else one per class."""
+    coef: sp.csr_matrix
+    intercept: np.ndarray
+    num_classes: int
+
+    def predict_proba(self, texts) -> np.ndarray:
+        """Class probabilities (len(texts), num_classes): sigmoids of the scores; one-vs-rest ones renormalised."""
+        return _probabilities((ngram_presence(texts, self.coef.shape[1]) @ self.coef.T).toarray() + self.intercept,
+                              self.num_classes)
+
+
+def _probabilities(scores: np.ndarray, num_classes: int) -> np.ndarray:
+    s = 1.0 / (1.0 + np.exp(-scores))
+    if num_classes == 2:
+        return np.hstack([1.0 - s, s])
+    return s / s.sum(1, keepdims=True)
+
+
+def log_count_ratio(x: sp.csr_matrix, positive: np.ndarray, alpha: float = NB_ALPHA) -> np.ndarray:
+    """Wang & Manning's r = log((p / |p|_1) / (q / |q|_1)), p and q the smoothed n-gram counts in and out of a class."""
+    p = np.asarray(x[positive].sum(0)).ravel() + alpha
+    q = np.asarray(x[~positive].sum(0)).ravel() + alpha
+    return np.log(p / p.sum()) - np.log(q / q.sum())
+
+
+def _fit_classes(scaled: list[sp.csr_matrix], targets: list[np.ndarray], c: float, seed: int,
+                 ) -> list[tuple[np.ndarray, float]]:
+    """(weights, intercept) of one binary LR per class; a class with one target value only gets a constant score."""
+    fits = []
+    for x, y in zip(scaled, targets):
+        if y.min() == y.max():
+            fits.append((np.zeros(x.shape[1]), 30.0 if y[0] else -30.0))
+            continue
+        clf = LogisticRegression(C=c, solver="liblinear", dual=True, max_iter=1000, random_state=seed).fit(x, y)
+        fits.append((clf.coef_[0], float(clf.intercept_[0])))
+    return fits
+
+
+def _interpolated(fits: list[tuple[np.ndarray, float]], ratios: list[np.ndarray], beta: float,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(coef, intercept): per class w' = (1 - beta) * mean|w| + beta * w, times r (so it applies to the presence
+    features themselves), in float32 as saved."""
+    coef = [((1 - beta) * np.abs(w[r != 0]).mean() + beta * w) * r if (r != 0).any() else w * r
+            for (w, _), r in zip(fits, ratios)]
+    return np.vstack(coef).astype(np.float32), np.asarray([b for _, b in fits])
+
+
+def _sample(train, max_train: int | None, seed: int):
+    """At most ``max_train`` training texts: a seeded sample, in split order."""
+    if max_train and max_train < len(train):
+        return train.select(np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False)))
+    return train
+
+
+def nblr(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, beta_grid: tuple[float, ...] = BETA_GRID,
+         n_jobs: int = 1, max_train: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], NBLR]:
+    """Fit NB-LR for each (C, β), keep the best on validation accuracy (the first of equals, in grid order).
+
+    The features are the buckets seen in training (the others get no weight). ``n_jobs``: the values of C are fitted
+    in this many processes at once (joblib); the result is the same. ``max_train``: fit on a sample of at most this
+    many training texts (seeded, in split order); None: all. Returns (summary for metrics.json; class probabilities
+    {"validation": (N, C), "test": (N, C)} for :func:`ensemble`; the fitted :class:`NBLR` for :func:`save_nblr`).
     """
     t0 = time.perf_counter()
-    train, val, test = (data.splits[s] for s in ("train", "validation", "test"))
-    if max_train and max_train < len(train):
-        train = train.select(np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False)))
-    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_df=0.9, sublinear_tf=True, strip_accents="unicode")
-    x_train = vec.fit_transform(train["text"])
-    x_val, x_test = vec.transform(val["text"]), vec.transform(test["text"])
+    train, val, test = _sample(data.splits["train"], max_train, seed), data.splits["validation"], data.splits["test"]
+    x_train = ngram_presence(train["text"])
+    seen = np.unique(x_train.indices)
+    x_train = x_train[:, seen]
+    x_val, x_test = (ngram_presence(s["text"])[:, seen] for s in (val, test))
     y_train, y_val, y_test = (np.asarray(s["label"]) for s in (train, val, test))
-    fitted = Parallel(n_jobs=max(1, min(n_jobs, len(c_grid))))(
-        delayed(LogisticRegression(C=c, max_iter=2000, random_state=seed).fit)(x_train, y_train) for c in c_grid)
+    num_classes = len(data.label_names)
+    targets = [1] if num_classes == 2 else list(range(num_classes))
+    ratios = [log_count_ratio(x_train, y_train == k) for k in targets]
+    scaled = [x_train.multiply(r).tocsr() for r in ratios]
+    ys = [(y_train == k).astype(int) for k in targets]
+    fits = Parallel(n_jobs=max(1, min(n_jobs, len(c_grid))))(
+        delayed(_fit_classes)(scaled, ys, c, seed) for c in c_grid)
     best = None
-    for c, clf in zip(c_grid, fitted):
-        acc = accuracy_score(y_val, clf.predict(x_val))
-        if best is None or acc > best[0]:
-            best = (acc, c, clf)
-    val_acc, c, clf = best
-    pred = clf.predict(x_test)
+    for c, per_class in zip(c_grid, fits):
+        for beta in beta_grid:
+            coef, intercept = _interpolated(per_class, ratios, beta)
+            acc = accuracy_score(y_val, _probabilities(x_val @ coef.T + intercept, num_classes).argmax(1))
+            if best is None or acc > best[0]:
+                best = (acc, c, beta, coef, intercept)
+    val_acc, c, beta, coef, intercept = best
+    probs = {split: _probabilities(x @ coef.T + intercept, num_classes) for split, x in (("validation", x_val), ("test", x_test))}
+    kept = sp.csr_matrix(coef)  # back from the seen buckets to all of them (seen is sorted: indices stay sorted)
+    model = NBLR(sp.csr_matrix((kept.data, seen[kept.indices], kept.indptr), shape=(len(coef), HASH_FEATURES)),
+                 intercept, num_classes)
+    pred = probs["test"].argmax(1)
     summary = {
-        "name": "tfidf_1-2gram_logreg",
+        "name": "nblr_1-3gram_hashed",
         "C": c,
+        "beta": beta,
+        "hash_features": HASH_FEATURES,
         "max_train_samples": max_train,
         "num_train": len(train),
         "val_accuracy": float(val_acc),
@@ -67,9 +146,54 @@ def tfidf_logreg(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, n_jobs
         "test_macro_f1": float(f1_score(y_test, pred, average="macro")),
         "seconds": time.perf_counter() - t0,
     }
-    num_classes = len(data.label_names)
-    probs = {split: _all_classes(clf, clf.predict_proba(x), num_classes) for split, x in (("validation", x_val), ("test", x_test))}
-    return summary, probs, Pipeline([("tfidf", vec), ("logreg", clf)])
+    return summary, probs, model
+
+
+def save_nblr(model: NBLR, path: str | Path) -> None:
+    """Write a fitted NB-LR as plain arrays (its sparse coefficients, intercepts, settings): loadable without pickle."""
+    params = {"format": "hybridlib-nblr", "version": 1, "hash_features": model.coef.shape[1],
+              "ngram_range": list(NGRAMS), "num_classes": model.num_classes}
+    arrays = {"indptr": model.coef.indptr.astype(np.int64), "indices": model.coef.indices.astype(np.int32),
+              "coef": model.coef.data.astype(np.float32), "intercept": np.asarray(model.intercept, dtype=np.float64),
+              "params": np.frombuffer(json.dumps(params).encode("utf-8"), dtype=np.uint8)}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(Path(path), write)
+
+
+def load_nblr(path: str | Path) -> NBLR:
+    """The NB-LR saved by :func:`save_nblr` (``allow_pickle=False``: a crafted file cannot run code); a file whose
+    arrays do not fit together is refused."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            params = json.loads(bytes(z["params"]).decode("utf-8"))
+            indptr, indices, data, intercept = z["indptr"], z["indices"], z["coef"], z["intercept"]
+        if params.get("format") != "hybridlib-nblr" or params.get("ngram_range") != list(NGRAMS):
+            raise ValueError(f"settings {params}")
+        n_features, num_classes = int(params["hash_features"]), int(params["num_classes"])
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} does not exist: the run was evaluated without the baseline (baseline: false) "
+            f"or by an older hybridlib that did not save it. Predict without the ensemble, or train a new run."
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError covers bad UTF-8 and JSON
+        raise CheckpointError(f"{path} is not an NB-LR baseline saved by hybridlib ({type(e).__name__}: {e}).") from None
+    rows = 1 if num_classes == 2 else num_classes
+    problems = [what for what, bad in (
+        ("row pointers", indptr.shape != (rows + 1,) or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
+         or indptr[-1] != len(indices)),
+        ("coefficients", data.shape != indices.shape or not np.all(np.isfinite(data))),
+        ("n-gram buckets", len(indices) and (indices.min() < 0 or indices.max() >= n_features)),
+        ("intercepts", intercept.shape != (rows,) or not np.all(np.isfinite(intercept))),
+    ) if bad]
+    if num_classes < 2 or problems:
+        raise CheckpointError(f"{path} is damaged: its {', '.join(problems) or 'class count'} do not fit "
+                              f"{num_classes} classes and {n_features} buckets. Evaluate the run again to rewrite it.")
+    return NBLR(sp.csr_matrix((data, indices, indptr), shape=(rows, n_features)), intercept, num_classes)
 
 
 def _all_classes(clf, p: np.ndarray, num_classes: int) -> np.ndarray:
@@ -82,25 +206,6 @@ def _all_classes(clf, p: np.ndarray, num_classes: int) -> np.ndarray:
 def tfidf_proba(pipe: Pipeline, texts: list[str], num_classes: int) -> np.ndarray:
     """Class probabilities (len(texts), num_classes) of a fitted TF-IDF + LR pipeline."""
     return _all_classes(pipe.named_steps["logreg"], pipe.predict_proba(texts), num_classes)
-
-
-def save_tfidf_logreg(pipe: Pipeline, path: str | Path) -> None:
-    """Write a fitted pipeline as plain arrays (vocabulary, idf, coefficients): loadable without pickle."""
-    vec, clf = pipe.named_steps["tfidf"], pipe.named_steps["logreg"]
-    params = {k: v for k, v in vec.get_params().items() if k in _VECTORIZER_KEYS}
-    params["dtype"] = np.dtype(params["dtype"]).name
-    arrays = {
-        # terms are \w-runs joined by single spaces (the default token_pattern), so "\n" separates them safely
-        "terms": np.frombuffer("\n".join(vec.get_feature_names_out()).encode("utf-8"), dtype=np.uint8),
-        "idf": vec.idf_, "coef": clf.coef_, "intercept": clf.intercept_, "classes": clf.classes_,
-        "params": np.frombuffer(json.dumps(params).encode("utf-8"), dtype=np.uint8),
-    }
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    atomic_write(Path(path), write)
 
 
 def load_tfidf_logreg(path: str | Path) -> Pipeline:

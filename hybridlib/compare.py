@@ -61,6 +61,9 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     varying = [k for k in keys if len({json.dumps(p.get(k)) for p in exp_params}) > 1]
     for r, p in zip(runs, exp_params):
         r["experiment"] = experiment_key(p, varying)
+    # the baselines and ensembles any run reports (NB-LR; TF-IDF + LR in runs made before it)
+    extras = list(dict.fromkeys((kind, name) for kind in ("baselines", "ensembles")
+                                for r in runs for name in r.get(kind, {})))
     rows = []
     for exp in dict.fromkeys(r["experiment"] for r in runs):
         group = [r for r in runs if r["experiment"] == exp]
@@ -69,8 +72,10 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
             a = np.asarray(values, dtype=float) * (100 if pct else 1)
             return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else f"{a.mean():.2f}"
 
-        base = [r["baselines"]["tfidf_logreg"]["test_accuracy"] for r in group if "baselines" in r]
-        ens = [r["ensembles"]["model+tfidf_logreg"]["test_accuracy"] for r in group if "ensembles" in r]
+        def stat_of(kind: str, name: str, group: list[dict] = group) -> str:  # "" where no run of the group has it
+            values = [r[kind][name]["test_accuracy"] for r in group if name in r.get(kind, {})]
+            return stat(values) if values else ""
+
         rows.append({
             "experiment": exp,
             "dataset": group[0]["dataset"],
@@ -78,8 +83,7 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
             "test_accuracy_%": stat([r["test_accuracy"] for r in group]),
             "test_macro_f1_%": stat([r["test_macro_f1"] for r in group]),
             "best_val_accuracy_%": stat([r["best_val_accuracy"] for r in group]),
-            "tfidf_logreg_test_%": stat(base) if base else "",
-            "model+tfidf_logreg_test_%": stat(ens) if ens else "",
+            **{f"{name}_test_%": stat_of(kind, name) for kind, name in extras},
             "train_seconds": stat([r["train_seconds"] for r in group], pct=False),
             "parameters": group[0]["num_parameters"],
         })

@@ -21,7 +21,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from hybridlib.baselines import ensemble, save_tfidf_logreg, tfidf_logreg
+from hybridlib.baselines import ensemble, nblr, save_nblr
 from hybridlib.batching import make_loader, predict_logits
 from hybridlib.checkpoints import (
     check_compatible,
@@ -36,8 +36,8 @@ from hybridlib.errors import ConfigError
 from hybridlib.files import (
     METRICS_FILE,
     MODEL_FILE,
+    NBLR_FILE,
     REPORT_FILE,
-    TFIDF_FILE,
     TOKENIZER_DIR,
     TRAIN_INFO_FILE,
     read_json,
@@ -121,7 +121,7 @@ def library_versions() -> dict[str, str]:
 def evaluate_run(cfg: Config, run_dir: str | Path, data: Data, device: torch.device | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Evaluate a run's best model.pt on the test split; write metrics.json and classification_report.txt
-    (and, with ``baseline``, fit the TF-IDF baseline, save it and score the ensemble). Holds the run's lock."""
+    (and, with ``baseline``, fit the NB-LR baseline, save it and score the ensemble). Holds the run's lock."""
     with run_lock(run_dir):
         return _evaluate_run(cfg, Path(run_dir), data, device, progress)
 
@@ -156,12 +156,11 @@ def _evaluate_run(cfg: Config, run_dir: Path, data: Data, device: torch.device |
         "versions": library_versions(),
     }
     if cfg.baseline:
-        summary, base_probs, pipe = tfidf_logreg(data, cfg.seed, n_jobs=threads.count,
-                                                max_train=cfg.baseline_max_train_samples)
-        save_tfidf_logreg(pipe, run_dir / TFIDF_FILE)  # Predictor.from_run(run, ensemble=True) serves the mix
-        metrics["baselines"] = {"tfidf_logreg": summary}
+        summary, base_probs, fitted = nblr(data, cfg.seed, n_jobs=threads.count, max_train=cfg.baseline_max_train_samples)
+        save_nblr(fitted, run_dir / NBLR_FILE)  # Predictor.from_run(run, ensemble=True) serves the mix
+        metrics["baselines"] = {"nblr": summary}
         val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, progress, threads)
-        metrics["ensembles"] = {"model+tfidf_logreg": ensemble(
+        metrics["ensembles"] = {"model+nblr": ensemble(
             {"validation": val["probs"], "test": test["probs"]}, base_probs,
             {"validation": val["labels"], "test": test["labels"]})}
     write_json(run_dir / METRICS_FILE, metrics)

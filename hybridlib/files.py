@@ -27,7 +27,8 @@ REPORT_FILE = "classification_report.txt"
 CURVES_FILE = "loss_acc_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 LENGTHS_FILE = "token_lengths.png"
-TFIDF_FILE = "tfidf_logreg.npz"
+NBLR_FILE = "nblr.npz"
+TFIDF_FILE = "tfidf_logreg.npz"  # the baseline of runs made before NB-LR
 TOKENIZER_DIR = "tokenizer"
 LOCK_FILE = "run.lock"
 

@@ -3,7 +3,7 @@
 ``Predictor.from_run("outputs/R").predict(["a text", ...])`` → per text: the label name, its class
 index and the probability of every class. ``Predictor.explain(text)`` also says which tokens pushed
 the decision (see :mod:`hybridlib.explain`). ``Predictor.from_run(R, ensemble=True)`` serves the run's
-model + TF-IDF ensemble instead (the row of metrics.json "ensembles", same weight); explain() always
+model + baseline ensemble instead (the row of metrics.json "ensembles", same weight); explain() always
 explains the neural model alone.
 
 Empty or whitespace-only texts are not an error: they are encoded as the tokenizer's special tokens
@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hybridlib.baselines import load_tfidf_logreg, mix_probs, tfidf_proba
+from hybridlib.baselines import load_nblr, load_tfidf_logreg, mix_probs, tfidf_proba
 from hybridlib.batching import Collator, predict_logits
 from hybridlib.checkpoints import check_compatible, checkpoint_config, load_checkpoint, model_from_checkpoint
 from hybridlib.errors import CheckpointError, DataError
 from hybridlib.explain import explain
-from hybridlib.files import METRICS_FILE, MODEL_FILE, TFIDF_FILE, TOKENIZER_DIR, read_json
+from hybridlib.files import METRICS_FILE, MODEL_FILE, NBLR_FILE, TFIDF_FILE, TOKENIZER_DIR, read_json
 from hybridlib.model import SideThread
 from hybridlib.runtime import CUDA_PAD_MULTIPLE, resolve_device
 from hybridlib.threads import CPUThreads
@@ -51,7 +51,7 @@ class Predictor:
         self.collate = Collator(self.pad_id, None, CUDA_PAD_MULTIPLE if device.type == "cuda" else 1,
                                 self.cfg.max_length)
         model.side_thread = SideThread()  # one-thread CPU calls: the CNN beside the BiLSTM (HybridClassifier)
-        self.tfidf, self.tfidf_weight = None, 0.0  # set by use_ensemble()
+        self.baseline, self.baseline_weight = None, 0.0  # set by use_ensemble(): texts -> class probabilities
         self._auto: CPUThreads | None = None  # the thread policy of large calls (made on first use)
 
     @classmethod
@@ -77,7 +77,7 @@ class Predictor:
                  num_threads: int | None = None, ensemble: bool = False) -> Predictor:
         """Load a finished run folder (its ``model.pt`` and ``tokenizer/``); arguments as from_checkpoint.
 
-        ``ensemble``: predict with the model + TF-IDF ensemble the run's evaluation measured (see use_ensemble).
+        ``ensemble``: predict with the model + baseline ensemble the run's evaluation measured (see use_ensemble).
         """
         run_dir = Path(run_dir)
         if not (run_dir / MODEL_FILE).is_file():
@@ -88,23 +88,32 @@ class Predictor:
         return predictor
 
     def use_ensemble(self, run_dir: str | Path) -> None:
-        """Mix in the run's TF-IDF + LR baseline: ``(1 - w) * model + w * tfidf`` with the weight ``w`` its
-        evaluation chose on validation (metrics.json "ensembles"), so predictions match the reported figure."""
-        run_dir = Path(run_dir)
+        """Mix in the run's classic baseline: ``(1 - w) * model + w * baseline`` with the weight ``w`` its evaluation
+        chose on validation (metrics.json "ensembles"), so predictions match the reported figure. The baseline is
+        NB-LR (nblr.npz), or TF-IDF + LR (tfidf_logreg.npz) in runs made before NB-LR."""
+        run_dir, k = Path(run_dir), len(self.label_names)
         try:
-            metrics = read_json(run_dir / METRICS_FILE)
-            weight = float(metrics["ensembles"]["model+tfidf_logreg"]["weight_other"])
-        except (OSError, ValueError, KeyError, TypeError):
+            ensembles = read_json(run_dir / METRICS_FILE)["ensembles"]
+            name = next(n for n in ("model+nblr", "model+tfidf_logreg") if n in ensembles)
+            weight = float(ensembles[name]["weight_other"])
+        except (OSError, ValueError, KeyError, TypeError, StopIteration):
             raise CheckpointError(
-                f"{run_dir} has no model+TF-IDF ensemble in metrics.json: the run was not evaluated yet "
+                f"{run_dir} has no model + baseline ensemble in metrics.json: the run was not evaluated yet "
                 f"(03_evaluation), or with baseline: false. Predict without the ensemble."
             ) from None
+        if name == "model+nblr":
+            model = load_nblr(run_dir / NBLR_FILE)
+            if model.num_classes != k:
+                raise CheckpointError(f"{run_dir / NBLR_FILE} has {model.num_classes} classes, the model {k} labels: "
+                                      f"they are not from the same run.")
+            self.baseline, self.baseline_weight = model.predict_proba, weight
+            return
         pipe = load_tfidf_logreg(run_dir / TFIDF_FILE)
         classes = pipe.named_steps["logreg"].classes_
-        if len(classes) and (classes.min() < 0 or classes.max() >= len(self.label_names)):
+        if len(classes) and (classes.min() < 0 or classes.max() >= k):
             raise CheckpointError(f"{run_dir / TFIDF_FILE} has classes {classes.tolist()}, the model "
-                                  f"{len(self.label_names)} labels: they are not from the same run.")
-        self.tfidf, self.tfidf_weight = pipe, weight
+                                  f"{k} labels: they are not from the same run.")
+        self.baseline, self.baseline_weight = (lambda texts: tfidf_proba(pipe, texts, k)), weight
 
     @contextlib.contextmanager
     def threads(self, n_texts: int):
@@ -143,9 +152,8 @@ class Predictor:
         with self.threads(len(texts)) as threads:
             for idx, (logits, _) in zip(chunks, predict_logits(self.model, batches, self.device, None, threads)):
                 probs[idx] = torch.softmax(logits, dim=1).cpu().numpy()
-        if self.tfidf is not None:
-            other = tfidf_proba(self.tfidf, list(texts), len(self.label_names))
-            probs = mix_probs(probs, other, self.tfidf_weight).astype(np.float32)
+        if self.baseline is not None:
+            probs = mix_probs(probs, self.baseline(list(texts)), self.baseline_weight).astype(np.float32)
         return probs
 
     def result(self, probs: np.ndarray) -> dict[str, Any]:

@@ -198,3 +198,33 @@ def load_benchmark(name: str) -> Any:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# ----------------------------------------------------------------------------- runs made before NB-LR
+
+# what TfidfVectorizer.transform needs besides the vocabulary and idf, as hybridlib saved it before NB-LR
+_VECTORIZER_KEYS = ("lowercase", "strip_accents", "token_pattern", "ngram_range", "analyzer", "norm", "use_idf",
+                    "smooth_idf", "sublinear_tf", "dtype")
+
+
+def fit_tfidf_logreg(texts: list[str], labels: list[int]) -> Any:
+    """A TF-IDF 1-2-gram + LR pipeline, the baseline of runs made before NB-LR."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, strip_accents="unicode")
+    return Pipeline([("tfidf", vec), ("logreg", LogisticRegression(C=4.0, max_iter=2000))]).fit(texts, labels)
+
+
+def save_tfidf_logreg(pipe: Any, path: str | Path) -> None:
+    """Write ``pipe`` as hybridlib wrote tfidf_logreg.npz before NB-LR (vocabulary, idf, coefficients; no pickle)."""
+    import numpy as np
+
+    vec, clf = pipe.named_steps["tfidf"], pipe.named_steps["logreg"]
+    params = {k: v for k, v in vec.get_params().items() if k in _VECTORIZER_KEYS}
+    params["dtype"] = np.dtype(params["dtype"]).name
+    np.savez_compressed(
+        path, terms=np.frombuffer("\n".join(vec.get_feature_names_out()).encode("utf-8"), dtype=np.uint8),
+        idf=vec.idf_, coef=clf.coef_, intercept=clf.intercept_, classes=clf.classes_,
+        params=np.frombuffer(json.dumps(params).encode("utf-8"), dtype=np.uint8))

@@ -1,47 +1,73 @@
-"""hybridlib.baselines: the TF-IDF + LR baseline on the run's own split, and the probability ensemble."""
+"""hybridlib.baselines: the NB-LR baseline on the run's own split, the probability ensemble, and the TF-IDF + LR
+files of runs made before NB-LR."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
-from hybridlib.baselines import ensemble, tfidf_logreg
+from hybridlib.baselines import ensemble, load_nblr, log_count_ratio, nblr, save_nblr
 from hybridlib.data import prepare_data
+from hybridlib.errors import CheckpointError
 
 
-def test_tfidf_logreg_scores_the_same_splits_and_returns_their_probabilities(tiny_cfg, tiny_tokenizer):
-    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
-    summary, probs, _ = tfidf_logreg(data, seed=0, c_grid=(1.0, 4.0))
-    assert summary["C"] in (1.0, 4.0)
+def binary(data):
+    """The tiny 3-class data as a 2-class task: class 0 against the others."""
+    splits = {k: ds.map(lambda e: {"label": int(e["label"] == 0)}) for k, ds in data.splits.items()}
+    return SimpleNamespace(splits=splits, label_names=["other", data.label_names[0]])
+
+
+@pytest.fixture
+def tiny_data(tiny_cfg, tiny_tokenizer):
+    return prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+
+
+@pytest.mark.parametrize("classes", [3, 2])
+def test_nblr_scores_the_same_splits_and_its_model_gives_the_same_probabilities(tiny_data, classes):
+    data = tiny_data if classes == 3 else binary(tiny_data)
+    summary, probs, model = nblr(data, seed=0, c_grid=(0.1, 1.0), beta_grid=(0.5, 1.0))
+    assert summary["C"] in (0.1, 1.0) and summary["beta"] in (0.5, 1.0) and summary["name"] == "nblr_1-3gram_hashed"
+    assert model.coef.shape[0] == (1 if classes == 2 else 3) and model.num_classes == classes
     for split in ("validation", "test"):
         p, y = probs[split], np.asarray(data.splits[split]["label"])
-        assert p.shape == (len(y), len(data.label_names))
+        assert p.shape == (len(y), classes)
         assert np.allclose(p.sum(1), 1.0)
+        # the fit scores the buckets seen in training; the model hashes the texts again: the same numbers
+        np.testing.assert_allclose(model.predict_proba(data.splits[split]["text"]), p, rtol=0, atol=1e-9)
     y_test = np.asarray(data.splits["test"]["label"])
     assert summary["test_accuracy"] == pytest.approx((probs["test"].argmax(1) == y_test).mean())
-    assert summary["val_accuracy"] > 0.5  # the tiny texts carry their label in their words
+    assert summary["val_accuracy"] > 0.7  # the tiny texts carry their label in their words
 
 
-def test_tfidf_logreg_fits_the_c_grid_in_parallel_with_the_serial_result(tiny_cfg, tiny_tokenizer):
-    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+def test_log_count_ratio_is_wang_and_mannings():
+    x = sp.csr_matrix(np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=float))
+    r = log_count_ratio(x, np.array([True, True, False]), alpha=1.0)
+    p, q = np.array([3, 2, 1]), np.array([1, 1, 2])  # counts + 1 in and out of the class
+    np.testing.assert_allclose(r, np.log(p / p.sum()) - np.log(q / q.sum()))
+    assert r[1] > 0 > r[2]  # an n-gram only in the class pushes towards it, one only outside away from it
+
+
+def test_nblr_fits_the_c_grid_in_parallel_with_the_serial_result(tiny_data):
     grid = (0.01, 1.0, 100.0)  # far apart: different validation scores and probabilities per C
-    serial, p1, pipe1 = tfidf_logreg(data, seed=0, c_grid=grid, n_jobs=1)
-    parallel, p2, pipe2 = tfidf_logreg(data, seed=0, c_grid=grid, n_jobs=2)
-    assert parallel["C"] == serial["C"] and parallel["val_accuracy"] == serial["val_accuracy"]
+    serial, p1, m1 = nblr(tiny_data, seed=0, c_grid=grid, n_jobs=1)
+    parallel, p2, m2 = nblr(tiny_data, seed=0, c_grid=grid, n_jobs=2)
+    assert (parallel["C"], parallel["beta"], parallel["val_accuracy"]) == (serial["C"], serial["beta"], serial["val_accuracy"])
     for split in ("validation", "test"):
-        np.testing.assert_allclose(p2[split], p1[split], rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(pipe2["logreg"].coef_, pipe1["logreg"].coef_)
+        np.testing.assert_array_equal(p2[split], p1[split])
+    assert (m1.coef != m2.coef).nnz == 0
 
 
-def test_tfidf_logreg_on_a_capped_sample_says_so_and_repeats(tiny_cfg, tiny_tokenizer):
-    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
-    n = len(data.splits["train"])
-    full, p_full, _ = tfidf_logreg(data, seed=0, c_grid=(4.0,), max_train=n)  # a cap above the split: all texts
+def test_nblr_on_a_capped_sample_says_so_and_repeats(tiny_data):
+    n = len(tiny_data.splits["train"])
+    full, p_full, _ = nblr(tiny_data, seed=0, c_grid=(1.0,), max_train=n)  # a cap above the split: all texts
     assert (full["max_train_samples"], full["num_train"]) == (n, n)
-    capped, p1, pipe1 = tfidf_logreg(data, seed=0, c_grid=(4.0,), max_train=n // 2)
-    again, p2, pipe2 = tfidf_logreg(data, seed=0, c_grid=(4.0,), max_train=n // 2)
+    capped, p1, m1 = nblr(tiny_data, seed=0, c_grid=(1.0,), max_train=n // 2)
+    again, p2, m2 = nblr(tiny_data, seed=0, c_grid=(1.0,), max_train=n // 2)
     assert capped["num_train"] == n // 2 and capped["max_train_samples"] == n // 2
-    np.testing.assert_array_equal(pipe1["logreg"].coef_, pipe2["logreg"].coef_)  # the sample is seeded
+    np.testing.assert_array_equal(p1["test"], p2["test"])  # the sample is seeded
     assert not np.array_equal(p1["test"], p_full["test"])
 
 
@@ -80,39 +106,82 @@ def test_every_evaluated_run_reports_the_baseline_and_the_ensemble(tmp_path):
     from hybridlib.evaluation import baseline_table
 
     metrics = json.loads((make_tiny_run(tmp_path, epochs=1, baseline=True) / "metrics.json").read_text())
-    base = metrics["baselines"]["tfidf_logreg"]
-    ens = metrics["ensembles"]["model+tfidf_logreg"]
+    base = metrics["baselines"]["nblr"]
+    ens = metrics["ensembles"]["model+nblr"]
+    assert base["hash_features"] == 2 ** 23 and base["num_train"] > 0
     assert 0.0 <= ens["weight_other"] <= 1.0
     assert 0.0 <= ens["test_accuracy"] <= 1.0 and 0.0 <= base["test_accuracy"] <= 1.0
     table = baseline_table(metrics)
-    assert list(table.index[:2]) == ["cnn+lstm", "tfidf_logreg"]
-    assert table.index[2].startswith("cnn+lstm+tfidf_logreg (probabilities, weight")
-    assert table.loc["tfidf_logreg", "test_accuracy"] == pytest.approx(base["test_accuracy"], abs=1e-4)
+    assert list(table.index[:2]) == ["cnn+lstm", "nblr"]
+    assert table.index[2].startswith("cnn+lstm+nblr (probabilities, weight")
+    assert table.loc["nblr", "test_accuracy"] == pytest.approx(base["test_accuracy"], abs=1e-4)
 
 
-def test_saved_baseline_round_trips_without_pickle(tiny_cfg, tiny_tokenizer, tmp_path):
-    from hybridlib.baselines import load_tfidf_logreg, save_tfidf_logreg, tfidf_proba
+TEXTS = ["unseen words only", "", "Ünïcödé café, the team scored", "the team scored a goal " * 50]
 
-    data = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
-    _, probs, pipe = tfidf_logreg(data, seed=0, c_grid=(4.0,))
+
+@pytest.mark.parametrize("classes", [3, 2])
+def test_saved_nblr_round_trips_without_pickle(tiny_data, tmp_path, classes):
+    data = tiny_data if classes == 3 else binary(tiny_data)
+    _, probs, model = nblr(data, seed=0, c_grid=(1.0,))
+    save_nblr(model, tmp_path / "b.npz")
+    with np.load(tmp_path / "b.npz", allow_pickle=False) as z:  # plain arrays only
+        assert all(z[k].dtype != object for k in z.files)
+    loaded = load_nblr(tmp_path / "b.npz")
+    texts = list(data.splits["test"]["text"]) + TEXTS
+    np.testing.assert_array_equal(loaded.predict_proba(texts), model.predict_proba(texts))
+    np.testing.assert_allclose(loaded.predict_proba(data.splits["test"]["text"]), probs["test"], rtol=0, atol=1e-9)
+
+
+def tampered(path, out, **arrays):
+    """A copy of the saved file ``path`` with some arrays replaced."""
+    with np.load(path, allow_pickle=False) as z:
+        np.savez(out, **{**{k: z[k] for k in z.files}, **arrays})
+    return out
+
+
+def test_loading_a_bad_nblr_file_is_a_clear_error(tiny_data, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist.*baseline: false"):
+        load_nblr(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match="not an NB-LR baseline saved by hybridlib"):
+        load_nblr(tmp_path / "junk.npz")
+    # an object array would need pickle to load: refused, never unpickled
+    np.savez(tmp_path / "pickled.npz", params=np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CheckpointError, match="not an NB-LR baseline"):
+        load_nblr(tmp_path / "pickled.npz")
+    good = tmp_path / "good.npz"
+    save_nblr(nblr(tiny_data, seed=0, c_grid=(1.0,))[2], good)
+    with np.load(good) as z:
+        indices, indptr, coef = z["indices"], z["indptr"], z["coef"]
+    for name, arrays, what in [
+        ("bucket", {"indices": np.where(np.arange(len(indices)) == 0, 2 ** 23, indices)}, "n-gram buckets"),
+        ("rows", {"indptr": indptr[:-1]}, "row pointers"),
+        ("nan", {"coef": np.where(np.arange(len(coef)) == 0, np.nan, coef)}, "coefficients"),
+        ("intercept", {"intercept": np.zeros(2)}, "intercepts"),
+    ]:
+        with pytest.raises(CheckpointError, match=f"is damaged: its {what}"):
+            load_nblr(tampered(good, tmp_path / f"{name}.npz", **arrays))
+    settings = np.frombuffer(b'{"format": "something else"}', dtype=np.uint8)
+    with pytest.raises(CheckpointError, match="not an NB-LR baseline"):
+        load_nblr(tampered(good, tmp_path / "format.npz", params=settings))
+
+
+def test_a_tfidf_baseline_saved_before_nblr_still_loads(tmp_path):
+    from fixtures import fit_tfidf_logreg, save_tfidf_logreg
+
+    from hybridlib.baselines import load_tfidf_logreg, tfidf_proba
+
+    texts, labels = ["the team scored a goal", "shares fell on weak earnings", "cells and the genome"] * 2, [0, 1, 2] * 2
+    pipe = fit_tfidf_logreg(texts, labels)
     save_tfidf_logreg(pipe, tmp_path / "b.npz")
     loaded = load_tfidf_logreg(tmp_path / "b.npz")
-    texts = list(data.splits["test"]["text"]) + ["unseen words only", "", "Ünïcödé café, the team scored"]
-    k = len(data.label_names)
-    assert np.array_equal(tfidf_proba(loaded, texts, k), tfidf_proba(pipe, texts, k))
-    assert np.allclose(tfidf_proba(loaded, list(data.splits["test"]["text"]), k), probs["test"])
-
-
-def test_loading_a_bad_baseline_file_is_a_clear_error(tmp_path):
-    from hybridlib.baselines import load_tfidf_logreg
-    from hybridlib.errors import CheckpointError
-
+    np.testing.assert_array_equal(tfidf_proba(loaded, texts + TEXTS, 3), tfidf_proba(pipe, texts + TEXTS, 3))
     with pytest.raises(CheckpointError, match="does not exist.*baseline: false"):
         load_tfidf_logreg(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
     with pytest.raises(CheckpointError, match="not a TF-IDF baseline saved by hybridlib"):
         load_tfidf_logreg(tmp_path / "junk.npz")
-    # an object array would need pickle to load: refused, never unpickled
     np.savez(tmp_path / "pickled.npz", terms=np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(CheckpointError, match="not a TF-IDF baseline"):
         load_tfidf_logreg(tmp_path / "pickled.npz")

@@ -84,7 +84,7 @@ def test_hybridlib_run_end_to_end(tiny_params, tiny_tokenizer_dir, tmp_path, cap
 
     params = yaml.safe_load((run / "params.yaml").read_text())
     assert params["epochs"] == 5 and params["baseline"] is True and Path(params["run_dir"]) == run.resolve()
-    for name in ("model.pt", "last.pt", "tfidf_logreg.npz", "train_info.json", "tokenizer/tokenizer_config.json"):
+    for name in ("model.pt", "last.pt", "nblr.npz", "train_info.json", "tokenizer/tokenizer_config.json"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert load_tokenizer(str(run / "tokenizer")).get_vocab() == load_tokenizer(str(tiny_tokenizer_dir)).get_vocab()
     log = (run / "training_log.csv").read_text().splitlines()
@@ -96,7 +96,7 @@ def test_hybridlib_run_end_to_end(tiny_params, tiny_tokenizer_dir, tmp_path, cap
     assert metrics["test_macro_f1"] >= 0.75 and metrics["best_epoch"] >= 1 and metrics["epochs_run"] == 5
     assert metrics["label_names"] == ["sports", "business", "science"]
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["num_test"] == 80
-    assert "tfidf_logreg" in metrics["baselines"] and "model+tfidf_logreg" in metrics["ensembles"]
+    assert "nblr" in metrics["baselines"] and "model+nblr" in metrics["ensembles"]
     report = (run / "classification_report.txt").read_text()
     assert all(name in report for name in metrics["label_names"]) and "accuracy" in report
     assert not list(run.glob(".*.tmp"))

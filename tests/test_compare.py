@@ -13,7 +13,7 @@ from hybridlib.errors import RunError
 
 
 def fake_run(root: Path, name: str, acc: float, seed: int, drop: tuple[str, ...] = (), ens: float | None = None,
-             **params) -> Path:
+             baseline: str = "nblr", **params) -> Path:
     """A finished run folder as evaluate_run leaves it (metrics.json + training_log.csv)."""
     run = root / name
     run.mkdir()
@@ -22,9 +22,9 @@ def fake_run(root: Path, name: str, acc: float, seed: int, drop: tuple[str, ...]
         p.pop(k)
     metrics = {"dataset": "toy", "test_accuracy": acc, "test_macro_f1": acc - 0.01, "best_val_accuracy": acc + 0.01,
                "train_seconds": 10.0 * seed, "num_parameters": 123, "params": p,
-               "baselines": {"tfidf_logreg": {"test_accuracy": 0.8}}}
+               "baselines": {baseline: {"test_accuracy": 0.8}}}
     if ens is not None:
-        metrics["ensembles"] = {"model+tfidf_logreg": {"test_accuracy": ens}}
+        metrics["ensembles"] = {f"model+{baseline}": {"test_accuracy": ens}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "training_log.csv").write_text(
         "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,seconds\n1,0.5,0.7,0.4,0.75,0.001,5.0\n"
@@ -41,8 +41,18 @@ def test_runs_that_differ_only_in_seed_form_one_experiment(tmp_path):
     assert table.loc["branches=cnn", "seeds"] == 3
     assert table.loc["branches=cnn", "test_accuracy_%"] == "82.00 ± 2.00"  # sample std (ddof=1)
     assert table.loc["branches=cnn+lstm", "test_accuracy_%"] == "90.00"
-    assert table.loc["branches=cnn", "model+tfidf_logreg_test_%"] == "87.00 ± 2.00"
-    assert table.loc["branches=cnn+lstm", "model+tfidf_logreg_test_%"] == ""  # a run made before ensembles
+    assert table.loc["branches=cnn", "model+nblr_test_%"] == "87.00 ± 2.00"
+    assert table.loc["branches=cnn+lstm", "model+nblr_test_%"] == ""  # a run made before ensembles
+    assert table.loc["branches=cnn", "nblr_test_%"] == "80.00 ± 0.00"
+
+
+def test_runs_made_before_nblr_keep_their_tf_idf_columns(tmp_path):
+    runs = [fake_run(tmp_path, "old", 0.80, 1, ens=0.85, baseline="tfidf_logreg"),
+            fake_run(tmp_path, "new", 0.82, 2, ens=0.88)]
+    table, _ = compare_runs(runs)
+    row = table.iloc[0]
+    assert (row["tfidf_logreg_test_%"], row["model+tfidf_logreg_test_%"]) == ("80.00", "85.00")
+    assert (row["nblr_test_%"], row["model+nblr_test_%"]) == ("80.00", "88.00")
 
 
 def test_runs_are_told_apart_by_experiment_fields_only(tmp_path):

@@ -19,16 +19,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fixtures import fit_tfidf_logreg, save_tfidf_logreg
 from tiny_run import tiny_run
 
 from hybridlib import Predictor
+from hybridlib.baselines import load_tfidf_logreg, mix_probs, tfidf_proba
 from hybridlib.checkpoints import checkpoint_config, load_checkpoint
 from hybridlib.cli import main
 from hybridlib.config import FIELDS, RETIRED, Config, fields_of, load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import ConfigError
 from hybridlib.evaluation import evaluate_checkpoint
-from hybridlib.files import LAST_FILE, MODEL_FILE, PARAMS_FILE
+from hybridlib.files import LAST_FILE, MODEL_FILE, NBLR_FILE, PARAMS_FILE, TFIDF_FILE
 from hybridlib.training import train
 
 # The fields of the previous main's Config, in its order (git show e670417:hybridlib/config.py).
@@ -79,6 +81,11 @@ def write_old_format(run_dir: Path, **old_values) -> None:
         torch.save(ckpt, run_dir / name)
     (run_dir / PARAMS_FILE).write_text(yaml.safe_dump(old, sort_keys=False), encoding="utf-8")
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the baseline then: TF-IDF + LR in tfidf_logreg.npz, under its own name in metrics.json
+    (run_dir / NBLR_FILE).unlink()
+    save_tfidf_logreg(fit_tfidf_logreg(TEXTS[:3] * 2, [0, 1, 2] * 2), run_dir / TFIDF_FILE)
+    metrics["baselines"] = {"tfidf_logreg": {**metrics["baselines"]["nblr"], "name": "tfidf_1-2gram_logreg"}}
+    metrics["ensembles"] = {"model+tfidf_logreg": metrics["ensembles"]["model+nblr"]}
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "params": old}, indent=2))
 
 
@@ -135,11 +142,14 @@ def test_an_old_run_predicts_as_it_did(runs):
     for predictor in (Predictor.from_run(runs["old"]), Predictor.from_checkpoint(runs["old"] / MODEL_FILE),
                       Predictor.from_run(runs["old"], ensemble=True)):
         assert predictor.label_names == ["sports", "business", "science"]
-        if predictor.tfidf is None:
+        if predictor.baseline is None:
             np.testing.assert_array_equal(probabilities(predictor), reference)
     assert Predictor.from_run(runs["old"]).predict(TEXTS[0])[0]["label"] == "sports"
-    ensemble = Predictor.from_run(runs["new"], ensemble=True)
-    np.testing.assert_allclose(probabilities(Predictor.from_run(runs["old"], ensemble=True)), probabilities(ensemble))
+    # its ensemble: the model with the TF-IDF + LR baseline of runs made before NB-LR, at the weight it reported
+    weight = json.loads((runs["old"] / "metrics.json").read_text())["ensembles"]["model+tfidf_logreg"]["weight_other"]
+    tfidf = tfidf_proba(load_tfidf_logreg(runs["old"] / TFIDF_FILE), TEXTS, 3)
+    np.testing.assert_allclose(probabilities(Predictor.from_run(runs["old"], ensemble=True)),
+                               mix_probs(reference, tfidf, weight), atol=1e-6)
 
 
 def test_an_old_model_evaluates_as_it_did(runs):

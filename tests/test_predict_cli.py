@@ -91,7 +91,7 @@ def test_ensemble_flag(checkpoint, predict):
     assert code_plain == code_mixed == 0, err
     p, m = json.loads(plain)["probabilities"], json.loads(mixed)["probabilities"]
     assert sum(m.values()) == pytest.approx(1.0, abs=1e-5)
-    weight = json.loads((checkpoint.parent / "metrics.json").read_text())["ensembles"]["model+tfidf_logreg"]["weight_other"]
+    weight = json.loads((checkpoint.parent / "metrics.json").read_text())["ensembles"]["model+nblr"]["weight_other"]
     if weight > 0:
         assert p != m
     else:  # validation chose the model alone: the same numbers, up to float rounding

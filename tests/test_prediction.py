@@ -323,7 +323,7 @@ def test_explain_empty_text(predictor):
     check_result({k: e[k] for k in ("label", "index", "probabilities")}, predictor.label_names)
 
 
-# ----------------------------------------------------------------------------- the model + TF-IDF ensemble
+# ----------------------------------------------------------------------------- the model + NB-LR ensemble
 
 
 def test_ensemble_predictions_are_the_evaluated_mix(run_dir, predictor):
@@ -331,16 +331,16 @@ def test_ensemble_predictions_are_the_evaluated_mix(run_dir, predictor):
     test split it scores what metrics.json reports for the ensemble."""
     import json
 
-    from hybridlib.baselines import load_tfidf_logreg, mix_probs, tfidf_proba
+    from hybridlib.baselines import load_nblr, mix_probs
     from hybridlib.config import load_config
     from hybridlib.data import prepare_data
 
     ens = Predictor.from_run(run_dir, ensemble=True)
-    reported = json.loads((run_dir / "metrics.json").read_text())["ensembles"]["model+tfidf_logreg"]
-    assert ens.tfidf_weight == reported["weight_other"]
+    reported = json.loads((run_dir / "metrics.json").read_text())["ensembles"]["model+nblr"]
+    assert ens.baseline_weight == reported["weight_other"]
     texts = [SPORTS, BUSINESS, "", "words the baseline never saw"]
-    tfidf = tfidf_proba(load_tfidf_logreg(run_dir / "tfidf_logreg.npz"), texts, 3)
-    expected = mix_probs(predictor.predict_proba(texts), tfidf, reported["weight_other"])
+    baseline = load_nblr(run_dir / "nblr.npz").predict_proba(texts)
+    expected = mix_probs(predictor.predict_proba(texts), baseline, reported["weight_other"])
     assert np.allclose(ens.predict_proba(texts), expected, atol=1e-6)
     for r in ens.predict(texts):
         check_result(r, ens.label_names)
@@ -353,10 +353,10 @@ def test_ensemble_predictions_are_the_evaluated_mix(run_dir, predictor):
 def test_ensemble_of_a_run_without_baseline_is_a_clear_error(run_dir, tmp_path):
     copy = tmp_path / "no-baseline"
     shutil.copytree(run_dir, copy)
-    (copy / "tfidf_logreg.npz").unlink()
-    with pytest.raises(CheckpointError, match="tfidf_logreg.npz does not exist"):
+    (copy / "nblr.npz").unlink()
+    with pytest.raises(CheckpointError, match="nblr.npz does not exist"):
         Predictor.from_run(copy, ensemble=True)
     (copy / "metrics.json").unlink()
-    with pytest.raises(CheckpointError, match="no model\\+TF-IDF ensemble in metrics.json"):
+    with pytest.raises(CheckpointError, match="no model \\+ baseline ensemble in metrics.json"):
         Predictor.from_run(copy, ensemble=True)
     Predictor.from_run(copy).predict(SPORTS)  # the model alone still works

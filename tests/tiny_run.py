@@ -39,7 +39,7 @@ def make_tiny_run(root: Path, name: str = "tiny-run", **overrides) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """The session's tiny run (trained on first use)."""
     if "run" not in _CACHE:
-        _CACHE["run"] = make_tiny_run(tmp_path_factory.mktemp("tiny_run"), baseline=True)  # + tfidf_logreg.npz
+        _CACHE["run"] = make_tiny_run(tmp_path_factory.mktemp("tiny_run"), baseline=True)  # + nblr.npz
     return _CACHE["run"]
 
 
