@@ -17,6 +17,8 @@ metrics, the TF-IDF baseline, whose own seconds are the "baseline" row). "run" i
 peak the largest of its processes. ``--train-sizes`` (default: all) limits training to those sizes (an epoch costs
 the same per text at every size): the others evaluate a copy of the largest trained size's run, which costs what
 their own model would (same architecture). ``--json``: sizes already in that file are not measured again.
+``--stages``: only these stages; ``baseline`` (not in the default) is the classic baseline's fit alone (NB-LR on its
+capped sample, scoring validation and test), which evaluate also does.
 """
 
 from __future__ import annotations
@@ -126,8 +128,15 @@ def stage(a: argparse.Namespace) -> dict:
         data = prepare_data(cfg)
         t0 = time.perf_counter()
         m = evaluate_run(cfg, cfg.run_dir, data, progress=False)["metrics"]
-        out["baseline"] = m["baselines"]["tfidf_logreg"]["seconds"]
-        out["test_accuracy"], out["baseline_test_accuracy"] = m["test_accuracy"], m["baselines"]["tfidf_logreg"]["test_accuracy"]
+        base = next(iter(m["baselines"].values()))
+        out["baseline"], out["test_accuracy"], out["baseline_test_accuracy"] = base["seconds"], m["test_accuracy"], base["test_accuracy"]
+    elif a.stage == "baseline":
+        from hybridlib.baselines import nblr
+
+        data = prepare_data(cfg)
+        t0 = time.perf_counter()
+        summary = nblr(data, cfg.seed, n_jobs=a.threads, max_train=cfg.baseline_max_train_samples)[0]
+        out.update(num_train=summary["num_train"], test_accuracy=summary["test_accuracy"])
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     out["tree_peak_mb"] = tree.get("mb", 0.0)
@@ -145,10 +154,10 @@ def measure(a: argparse.Namespace, size: int, trained: int | None) -> dict[str, 
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     shutil.rmtree(work / f"run-{size}", ignore_errors=True)
     train = a.train_sizes is None or size in a.train_sizes
-    if not train:
+    if not train and "evaluate" in a.stages:
         shutil.copytree(work / f"run-{trained}", work / f"run-{size}", ignore=shutil.ignore_patterns("run.lock"))
     res = {}
-    for name in (s for s in STAGES if train or s != "train"):
+    for name in (s for s in a.stages if train or s != "train"):
         cmd = [sys.executable, __file__, "--stage", name, "--size", str(size), "--work", a.work,
                "--threads", str(a.threads), "--tokenizer", a.tokenizer]
         line = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -166,14 +175,16 @@ def table(results: dict[int, dict[str, dict]]) -> str:
         r = results[size]
         rows += [(size, s, r[s]["seconds"], r[s]["peak_rss_mb"]) for s in STAGES if s in r]
         rows += [(size, "epoch", r["train"]["epoch"], r["train"]["train_peak_rss_mb"])] if "train" in r else []
-        rows += [(size, "baseline", r["evaluate"]["baseline"], None)]
+        rows += [(size, "baseline", r["evaluate"]["baseline"], None)] if "evaluate" in r else []
+        rows += [(size, "baseline alone", r["baseline"]["seconds"], r["baseline"]["peak_rss_mb"])] if "baseline" in r else []
         if "train" in r:
             rows += [(size, "run", sum(r[s]["seconds"] for s in STAGES), max(r[s]["peak_rss_mb"] for s in STAGES))]
     first = {s: sec / sizes[0] for size, s, sec, _ in rows if size == sizes[0]}
     lines = ["| texts | stage | seconds | peak RSS (GiB) | s/text vs first |", "|---:|---|---:|---:|---:|"]
     for size, s, sec, peak in rows:
         peak_s = f"{peak / 1024:.2f}" if peak else "(in evaluate)"
-        lines.append(f"| {size:,} | {s} | {sec:,.1f} | {peak_s} | {sec / size / first[s]:.2f} |")
+        ratio = f"{sec / size / first[s]:.2f}" if s in first else ""
+        lines.append(f"| {size:,} | {s} | {sec:,.1f} | {peak_s} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -186,7 +197,9 @@ def main() -> None:
     p.add_argument("--imdb", default=str(ROOT.parent / "shared" / "data" / "imdb"))
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "tokenizers" / "bert-base-uncased"))
     p.add_argument("--json", help="also write the figures here")
-    p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
+    p.add_argument("--stages", nargs="+", choices=[*STAGES, "baseline"], default=list(STAGES),
+                   help="measure only these stages; baseline: the classic baseline's fit alone (also inside evaluate)")
+    p.add_argument("--stage", choices=[*STAGES, "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.stage:

@@ -140,16 +140,21 @@ def tampered(path, out, **arrays):
     return out
 
 
-def test_loading_a_bad_nblr_file_is_a_clear_error(tiny_data, tmp_path):
+def refuses_missing_junk_and_pickled(load, tmp_path, what: str, key: str) -> None:
+    """``load`` names a missing file and refuses a non-zip file and one whose ``key`` array needs pickle."""
     with pytest.raises(CheckpointError, match="does not exist.*baseline: false"):
-        load_nblr(tmp_path / "missing.npz")
+        load(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-    with pytest.raises(CheckpointError, match="not an NB-LR baseline saved by hybridlib"):
-        load_nblr(tmp_path / "junk.npz")
+    with pytest.raises(CheckpointError, match=f"not {what} saved by hybridlib"):
+        load(tmp_path / "junk.npz")
     # an object array would need pickle to load: refused, never unpickled
-    np.savez(tmp_path / "pickled.npz", params=np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(CheckpointError, match="not an NB-LR baseline"):
-        load_nblr(tmp_path / "pickled.npz")
+    np.savez(tmp_path / "pickled.npz", **{key: np.array([{"a": 1}], dtype=object)}, allow_pickle=True)
+    with pytest.raises(CheckpointError, match=f"not {what}"):
+        load(tmp_path / "pickled.npz")
+
+
+def test_loading_a_bad_nblr_file_is_a_clear_error(tiny_data, tmp_path):
+    refuses_missing_junk_and_pickled(load_nblr, tmp_path, "an NB-LR baseline", "params")
     good = tmp_path / "good.npz"
     save_nblr(nblr(tiny_data, seed=0, c_grid=(1.0,))[2], good)
     with np.load(good) as z:
@@ -177,11 +182,4 @@ def test_a_tfidf_baseline_saved_before_nblr_still_loads(tmp_path):
     save_tfidf_logreg(pipe, tmp_path / "b.npz")
     loaded = load_tfidf_logreg(tmp_path / "b.npz")
     np.testing.assert_array_equal(tfidf_proba(loaded, texts + TEXTS, 3), tfidf_proba(pipe, texts + TEXTS, 3))
-    with pytest.raises(CheckpointError, match="does not exist.*baseline: false"):
-        load_tfidf_logreg(tmp_path / "missing.npz")
-    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-    with pytest.raises(CheckpointError, match="not a TF-IDF baseline saved by hybridlib"):
-        load_tfidf_logreg(tmp_path / "junk.npz")
-    np.savez(tmp_path / "pickled.npz", terms=np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(CheckpointError, match="not a TF-IDF baseline"):
-        load_tfidf_logreg(tmp_path / "pickled.npz")
+    refuses_missing_junk_and_pickled(load_tfidf_logreg, tmp_path, "a TF-IDF baseline", "terms")
