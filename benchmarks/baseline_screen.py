@@ -58,7 +58,7 @@ def fit_nblr(data, seed: int) -> dict[str, Any]:
     from hybridlib.baselines import nblr
 
     summary, _, model = nblr(data, seed)
-    return {**{k: summary[k] for k in ("C", "beta", "val_accuracy", "test_accuracy")}, "nonzero_weights": model.coef.nnz}
+    return {**{k: summary[k] for k in ("C", "beta", "val_accuracy", "test_accuracy")}, "nonzero_weights": int((model.coef != 0).any(0).sum())}
 
 
 BASELINES = {"tfidf_logreg": tfidf_logreg, "tfidf_wide": fit_tfidf_wide, "nblr": fit_nblr}

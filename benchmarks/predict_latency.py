@@ -6,7 +6,8 @@
         # an untrained model of that size (same cost as a trained one), built in a temp folder
 
 Reports, per run: the widget's Predict click (predict + explanation + HTML), Predictor.predict alone
-and Predictor.explain alone; median and 90th percentile in ms. The widget's target is 200 ms.
+and Predictor.explain alone; median and 90th percentile in ms. The widget's target is 200 ms. A run with a
+baseline also times ``Predictor.from_run(run, ensemble=True)``: loading, and predict with the ensemble.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from types import SimpleNamespace
 
 from hybridlib.checkpoints import model_checkpoint, save_checkpoint
 from hybridlib.config import load_config, parse_cli_value
-from hybridlib.files import MODEL_FILE, TOKENIZER_DIR
+from hybridlib.files import MODEL_FILE, NBLR_FILE, TOKENIZER_DIR
 from hybridlib.model import build_model
 from hybridlib.prediction import Predictor
 from hybridlib.runs import list_runs
@@ -98,6 +99,17 @@ def bench(run: Path, n: int) -> None:
     print(f"  Predictor.predict                        {stats(preds)}")
     print(f"  Predictor.explain                        {stats(expl)}")
     print(f"  label {wd.last['label']}  probabilities {({k: round(v, 3) for k, v in wd.last['probabilities'].items()})}")
+    if (run / NBLR_FILE).is_file():
+        t = time.perf_counter()
+        ensemble = Predictor.from_run(run, ensemble=True)
+        load = time.perf_counter() - t
+        ensemble.predict(REVIEW)  # warm-up
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            ensemble.predict(REVIEW)
+            times.append(time.perf_counter() - t)
+        print(f"  Predictor.predict, ensemble=True         {stats(times)}   (loading {1000 * load:.0f} ms)")
 
 
 def main(argv=None) -> int:

@@ -35,24 +35,35 @@ NB_ALPHA = 1.0  # the naive-Bayes count smoothing
 ENSEMBLE_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
 
 
-def ngram_presence(texts, n_features: int = HASH_FEATURES) -> sp.csr_matrix:
-    """Binary 1-3-gram presence of ``texts``, hashed into ``n_features`` buckets (stateless: nothing to fit)."""
-    vec = HashingVectorizer(ngram_range=NGRAMS, n_features=n_features, binary=True, norm=None,
+def ngram_presence(texts, buckets: np.ndarray | None = None) -> sp.csr_matrix:
+    """Binary 1-3-gram presence of ``texts``, hashed into HASH_FEATURES buckets (stateless: nothing to fit);
+    with ``buckets`` (sorted), only those columns, in that order (n-grams in other buckets are dropped)."""
+    vec = HashingVectorizer(ngram_range=NGRAMS, n_features=HASH_FEATURES, binary=True, norm=None,
                             alternate_sign=False, strip_accents="unicode")
-    return vec.transform(texts)
+    x = vec.transform(texts)
+    return x if buckets is None else _columns(x, buckets)
+
+
+def _columns(x: sp.csr_matrix, buckets: np.ndarray) -> sp.csr_matrix:
+    """``x[:, buckets]`` for sorted ``buckets``; x[:, buckets] itself would index all 2^23 columns on every call."""
+    pos = np.minimum(np.searchsorted(buckets, x.indices), max(len(buckets) - 1, 0))
+    hit = buckets[pos] == x.indices if len(buckets) else np.zeros(len(x.indices), dtype=bool)
+    indptr = np.concatenate([[0], np.cumsum(hit)])[x.indptr]
+    return sp.csr_matrix((x.data[hit], pos[hit], indptr), shape=(x.shape[0], len(buckets)))
 
 
 @dataclass
 class NBLR:
-    """A fitted NB-LR: ``coef`` (rows, n_features) sparse, one row for two classes (class 1), else one per class."""
-    coef: sp.csr_matrix
+    """A fitted NB-LR over the hashed n-gram ``buckets`` seen in training: ``coef`` (rows, len(buckets)), one row
+    for two classes (class 1), else one per class."""
+    buckets: np.ndarray
+    coef: np.ndarray
     intercept: np.ndarray
     num_classes: int
 
     def predict_proba(self, texts) -> np.ndarray:
         """Class probabilities (len(texts), num_classes): sigmoids of the scores; one-vs-rest ones renormalised."""
-        return _probabilities((ngram_presence(texts, self.coef.shape[1]) @ self.coef.T).toarray() + self.intercept,
-                              self.num_classes)
+        return _probabilities(ngram_presence(texts, self.buckets) @ self.coef.T + self.intercept, self.num_classes)
 
 
 def _probabilities(scores: np.ndarray, num_classes: int) -> np.ndarray:
@@ -110,9 +121,9 @@ def nblr(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, beta_grid: tup
     t0 = time.perf_counter()
     train, val, test = _sample(data.splits["train"], max_train, seed), data.splits["validation"], data.splits["test"]
     x_train = ngram_presence(train["text"])
-    seen = np.unique(x_train.indices)
-    x_train = x_train[:, seen]
-    x_val, x_test = (ngram_presence(s["text"])[:, seen] for s in (val, test))
+    seen = np.unique(x_train.indices)  # the buckets the training texts fill: the features
+    x_train = _columns(x_train, seen)
+    x_val, x_test = (ngram_presence(s["text"], seen) for s in (val, test))
     y_train, y_val, y_test = (np.asarray(s["label"]) for s in (train, val, test))
     num_classes = len(data.label_names)
     targets = [1] if num_classes == 2 else list(range(num_classes))
@@ -130,9 +141,7 @@ def nblr(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, beta_grid: tup
                 best = (acc, c, beta, coef, intercept)
     val_acc, c, beta, coef, intercept = best
     probs = {split: _probabilities(x @ coef.T + intercept, num_classes) for split, x in (("validation", x_val), ("test", x_test))}
-    kept = sp.csr_matrix(coef)  # back from the seen buckets to all of them (seen is sorted: indices stay sorted)
-    model = NBLR(sp.csr_matrix((kept.data, seen[kept.indices], kept.indptr), shape=(len(coef), HASH_FEATURES)),
-                 intercept, num_classes)
+    model = NBLR(seen, coef, intercept, num_classes)
     pred = probs["test"].argmax(1)
     summary = {
         "name": "nblr_1-3gram_hashed",
@@ -150,11 +159,11 @@ def nblr(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, beta_grid: tup
 
 
 def save_nblr(model: NBLR, path: str | Path) -> None:
-    """Write a fitted NB-LR as plain arrays (its sparse coefficients, intercepts, settings): loadable without pickle."""
-    params = {"format": "hybridlib-nblr", "version": 1, "hash_features": model.coef.shape[1],
-              "ngram_range": list(NGRAMS), "num_classes": model.num_classes}
-    arrays = {"indptr": model.coef.indptr.astype(np.int64), "indices": model.coef.indices.astype(np.int32),
-              "coef": model.coef.data.astype(np.float32), "intercept": np.asarray(model.intercept, dtype=np.float64),
+    """Write a fitted NB-LR as plain arrays (its buckets, coefficients, intercepts, settings): loadable without pickle."""
+    params = {"format": "hybridlib-nblr", "version": 1, "hash_features": HASH_FEATURES, "ngram_range": list(NGRAMS),
+              "num_classes": model.num_classes}
+    arrays = {"buckets": model.buckets.astype(np.int32), "coef": model.coef.astype(np.float32),
+              "intercept": np.asarray(model.intercept, dtype=np.float64),
               "params": np.frombuffer(json.dumps(params).encode("utf-8"), dtype=np.uint8)}
 
     def write(tmp: str) -> None:
@@ -171,10 +180,11 @@ def load_nblr(path: str | Path) -> NBLR:
     try:
         with np.load(path, allow_pickle=False) as z:
             params = json.loads(bytes(z["params"]).decode("utf-8"))
-            indptr, indices, data, intercept = z["indptr"], z["indices"], z["coef"], z["intercept"]
-        if params.get("format") != "hybridlib-nblr" or params.get("ngram_range") != list(NGRAMS):
+            buckets, coef, intercept = z["buckets"].astype(np.int64), z["coef"], z["intercept"]
+        settings = (params.get("format"), params.get("hash_features"), params.get("ngram_range"))
+        if settings != ("hybridlib-nblr", HASH_FEATURES, list(NGRAMS)):
             raise ValueError(f"settings {params}")
-        n_features, num_classes = int(params["hash_features"]), int(params["num_classes"])
+        num_classes = int(params["num_classes"])
     except FileNotFoundError:
         raise CheckpointError(
             f"{path} does not exist: the run was evaluated without the baseline (baseline: false) "
@@ -184,16 +194,15 @@ def load_nblr(path: str | Path) -> NBLR:
         raise CheckpointError(f"{path} is not an NB-LR baseline saved by hybridlib ({type(e).__name__}: {e}).") from None
     rows = 1 if num_classes == 2 else num_classes
     problems = [what for what, bad in (
-        ("row pointers", indptr.shape != (rows + 1,) or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
-         or indptr[-1] != len(indices)),
-        ("coefficients", data.shape != indices.shape or not np.all(np.isfinite(data))),
-        ("n-gram buckets", len(indices) and (indices.min() < 0 or indices.max() >= n_features)),
+        ("n-gram buckets", buckets.ndim != 1 or np.any(np.diff(buckets) <= 0)
+         or (len(buckets) and (buckets[0] < 0 or buckets[-1] >= HASH_FEATURES))),
+        ("coefficients", coef.shape != (rows, len(buckets)) or not np.all(np.isfinite(coef))),
         ("intercepts", intercept.shape != (rows,) or not np.all(np.isfinite(intercept))),
     ) if bad]
     if num_classes < 2 or problems:
         raise CheckpointError(f"{path} is damaged: its {', '.join(problems) or 'class count'} do not fit "
-                              f"{num_classes} classes and {n_features} buckets. Evaluate the run again to rewrite it.")
-    return NBLR(sp.csr_matrix((data, indices, indptr), shape=(rows, n_features)), intercept, num_classes)
+                              f"{num_classes} classes. Evaluate the run again to rewrite it.")
+    return NBLR(buckets, coef, intercept, num_classes)
 
 
 def _all_classes(clf, p: np.ndarray, num_classes: int) -> np.ndarray:
