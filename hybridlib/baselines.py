@@ -218,7 +218,8 @@ def tfidf_proba(pipe: Pipeline, texts: list[str], num_classes: int) -> np.ndarra
 
 
 def load_tfidf_logreg(path: str | Path) -> Pipeline:
-    """The pipeline saved by :func:`save_tfidf_logreg` (``allow_pickle=False``: a crafted file cannot run code)."""
+    """The TF-IDF + LR pipeline of a run made before NB-LR, from its tfidf_logreg.npz (``allow_pickle=False``: a
+    crafted file cannot run code)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
