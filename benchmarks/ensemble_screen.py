@@ -37,25 +37,17 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from hybridlib.baselines import (
-    ENSEMBLE_WEIGHTS,
-    ensemble,
-    load_nblr,
-    load_tfidf_logreg,
-    mix_probs,
-    nblr,
-    tfidf_proba,
-)
+from hybridlib.baselines import ensemble, load_baseline, mix_probs, mix_weight, nblr
 from hybridlib.checkpoints import load_checkpoint, load_model, model_from_checkpoint
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.evaluation import evaluate_split
-from hybridlib.files import LAST_FILE, MODEL_FILE, NBLR_FILE, PARAMS_FILE, TFIDF_FILE
+from hybridlib.files import LAST_FILE, MODEL_FILE, NBLR_FILE, PARAMS_FILE
 
 SPLITS = ("validation", "test")
 
 
-def run_probabilities(run_dir: Path, baseline: str = "baseline",
+def run_probabilities(run_dir: Path, baseline: str = "run",
                       ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], str]:
     """({predictor: {split: (N, C) probabilities}}, {split: labels}, dataset name) for one finished run; with
     ``baseline`` "nblr", the "baseline" entry holds NB-LR's probabilities, fitted on the run's split."""
@@ -63,12 +55,8 @@ def run_probabilities(run_dir: Path, baseline: str = "baseline",
     data = prepare_data(cfg)
     best, ckpt = load_model(run_dir / MODEL_FILE)
     last = model_from_checkpoint({**ckpt, "model": load_checkpoint(run_dir / LAST_FILE)["model"]})
-    k = len(data.label_names)
-    if (run_dir / NBLR_FILE).is_file():
-        baseline_proba = load_nblr(run_dir / NBLR_FILE).predict_proba
-    else:  # a run made before NB-LR
-        pipe = load_tfidf_logreg(run_dir / TFIDF_FILE)
-        baseline_proba = lambda texts: tfidf_proba(pipe, texts, k)  # noqa: E731
+    if baseline == "run":  # its own: NB-LR, or TF-IDF + LR in runs made before NB-LR
+        own = load_baseline(run_dir, "nblr" if (run_dir / NBLR_FILE).is_file() else "tfidf_logreg", len(data.label_names))
     probs: dict[str, dict[str, np.ndarray]] = {"best": {}, "last": {}, "baseline": {}}
     labels = {}
     for split in SPLITS:
@@ -77,17 +65,22 @@ def run_probabilities(run_dir: Path, baseline: str = "baseline",
             out = evaluate_split(best, ds, cfg, data.pad_id, progress=False)
             probs["best"][split], labels[split] = out["probs"].astype(np.float64), out["labels"]
             probs["last"][split] = evaluate_split(last, ds, cfg, data.pad_id, progress=False)["probs"].astype(np.float64)
-        probs["baseline"][split] = baseline_proba(list(ds["text"]))
+        if baseline == "run":
+            probs["baseline"][split] = own(list(ds["text"]))
     if baseline == "nblr":
         probs["baseline"] = nblr(data, cfg.seed, n_jobs=2)[1]
     return probs, labels, cfg.dataset
+
+
+def log_features(*parts: np.ndarray) -> np.ndarray:
+    return np.hstack([np.log(np.clip(p, 1e-7, 1.0)) for p in parts])
 
 
 def stacked(parts: list[dict[str, np.ndarray]], labels: dict[str, np.ndarray], seed: int) -> dict[str, float]:
     """A logistic regression on the parts' log-probabilities: 5-fold CV accuracy on validation, test accuracy of
     the fit on all of validation."""
     def features(split: str) -> np.ndarray:
-        return np.hstack([np.log(np.clip(p[split], 1e-7, 1.0)) for p in parts])
+        return log_features(*(p[split] for p in parts))
 
     clf = LogisticRegression(C=1.0, max_iter=2000)
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
@@ -95,19 +88,6 @@ def stacked(parts: list[dict[str, np.ndarray]], labels: dict[str, np.ndarray], s
     clf.fit(features("validation"), labels["validation"])
     return {"val_accuracy": float((cv_pred == labels["validation"]).mean()),
             "test_accuracy": float((clf.predict(features("test")) == labels["test"]).mean())}
-
-
-def log_features(*parts: np.ndarray) -> np.ndarray:
-    return np.hstack([np.log(np.clip(p, 1e-7, 1.0)) for p in parts])
-
-
-def choose_weight(model: np.ndarray, other: np.ndarray, y: np.ndarray) -> float:
-    """The mix weight with the lowest log-loss on these texts (as hybridlib.baselines.ensemble chooses it)."""
-    from sklearn.metrics import log_loss
-
-    classes = list(range(model.shape[1]))
-    return float(ENSEMBLE_WEIGHTS[int(np.argmin([log_loss(y, mix_probs(model, other, w), labels=classes)
-                                                 for w in ENSEMBLE_WEIGHTS]))])
 
 
 def cv_predictions(kind: str, model: np.ndarray, other: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
@@ -124,7 +104,7 @@ def fitted(kind: str, model: np.ndarray, other: np.ndarray, y: np.ndarray):
         acc = {k: (cv_predictions(k, model, other, y, seed=0) == y).mean() for k in ("mix", "stack")}
         kind = "stack" if acc["stack"] > acc["mix"] else "mix"
     if kind == "mix":
-        w = choose_weight(model, other, y)
+        w = mix_weight(model, other, y)
         return lambda m, o: mix_probs(m, o, w).argmax(1)
     clf = LogisticRegression(C=1.0, max_iter=2000).fit(log_features(model, other), y)
     return lambda m, o: clf.predict(log_features(m, o))
@@ -144,7 +124,7 @@ def round14(probs: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarra
     return rows
 
 
-def screen(run_dir: Path, baseline: str = "baseline") -> dict[str, Any]:
+def screen(run_dir: Path, baseline: str = "run") -> dict[str, Any]:
     probs, labels, dataset = run_probabilities(run_dir, baseline)
     row: dict[str, Any] = {"run": run_dir.name, "dataset": dataset}
     for name, p in probs.items():
@@ -167,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--json", help="also write the rows to this file")
-    ap.add_argument("--baseline", choices=("baseline", "nblr"), default="baseline",
+    ap.add_argument("--baseline", choices=("run", "nblr"), default="run",
                     help="the run's own baseline, or NB-LR fitted on the run's split")
     a = ap.parse_args(argv)
     rows = []

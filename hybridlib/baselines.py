@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.parallel import Parallel, delayed
 
 from hybridlib.errors import CheckpointError
-from hybridlib.files import atomic_write
+from hybridlib.files import NBLR_FILE, TFIDF_FILE, atomic_write
 
 NGRAMS = (1, 3)
 HASH_FEATURES = 2 ** 23  # the n-gram cap: hashed buckets, no vocabulary held, memory bounded whatever the corpus
@@ -255,9 +256,7 @@ def ensemble(model_probs: dict[str, np.ndarray], other_probs: dict[str, np.ndarr
     def mix(split: str, w: float) -> np.ndarray:
         return mix_probs(model_probs[split], other_probs[split], w)
 
-    num_classes = model_probs["validation"].shape[1]
-    val_loss = [log_loss(labels["validation"], mix("validation", w), labels=list(range(num_classes))) for w in weights]
-    w = float(weights[int(np.argmin(val_loss))])
+    w = mix_weight(model_probs["validation"], other_probs["validation"], labels["validation"], weights)
     val_pred, test_pred = mix("validation", w).argmax(1), mix("test", w).argmax(1)
     return {
         "weight_other": w,
@@ -267,7 +266,32 @@ def ensemble(model_probs: dict[str, np.ndarray], other_probs: dict[str, np.ndarr
     }
 
 
+def mix_weight(model_probs: np.ndarray, other_probs: np.ndarray, labels: np.ndarray,
+               weights: tuple[float, ...] = ENSEMBLE_WEIGHTS) -> float:
+    """The weight of ``other`` in the mix with the lowest log-loss on these texts."""
+    classes = list(range(model_probs.shape[1]))
+    return float(weights[int(np.argmin([log_loss(labels, mix_probs(model_probs, other_probs, w), labels=classes)
+                                        for w in weights]))])
+
+
 def mix_probs(model_probs: np.ndarray, other_probs: np.ndarray, weight_other: float) -> np.ndarray:
     """``(1 - w) * model + w * other``, renormalised (a float32 softmax sums to 1 only within ~1e-7)."""
     p = (1 - weight_other) * np.asarray(model_probs, dtype=np.float64) + weight_other * np.asarray(other_probs, dtype=np.float64)
     return p / p.sum(1, keepdims=True)
+
+
+def load_baseline(run_dir: Path, name: str, num_classes: int) -> Callable[[list[str]], np.ndarray]:
+    """A run's saved baseline ``name`` (``nblr``, or ``tfidf_logreg`` in runs made before NB-LR) as texts -> class
+    probabilities (len(texts), num_classes); refused when it was fitted for other classes."""
+    if name == "nblr":
+        model = load_nblr(run_dir / NBLR_FILE)
+        if model.num_classes != num_classes:
+            raise CheckpointError(f"{run_dir / NBLR_FILE} has {model.num_classes} classes, the model {num_classes} "
+                                  f"labels: they are not from the same run.")
+        return model.predict_proba
+    pipe = load_tfidf_logreg(run_dir / TFIDF_FILE)
+    classes = pipe.named_steps["logreg"].classes_
+    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
+        raise CheckpointError(f"{run_dir / TFIDF_FILE} has classes {classes.tolist()}, the model "
+                              f"{num_classes} labels: they are not from the same run.")
+    return lambda texts: tfidf_proba(pipe, texts, num_classes)

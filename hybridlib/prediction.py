@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hybridlib.baselines import load_nblr, load_tfidf_logreg, mix_probs, tfidf_proba
+from hybridlib.baselines import load_baseline, mix_probs
 from hybridlib.batching import Collator, predict_logits
 from hybridlib.checkpoints import check_compatible, checkpoint_config, load_checkpoint, model_from_checkpoint
 from hybridlib.errors import CheckpointError, DataError
 from hybridlib.explain import explain
-from hybridlib.files import METRICS_FILE, MODEL_FILE, NBLR_FILE, TFIDF_FILE, TOKENIZER_DIR, read_json
+from hybridlib.files import METRICS_FILE, MODEL_FILE, TOKENIZER_DIR, read_json
 from hybridlib.model import SideThread
 from hybridlib.runtime import CUDA_PAD_MULTIPLE, resolve_device
 from hybridlib.threads import CPUThreads
@@ -91,29 +91,17 @@ class Predictor:
         """Mix in the run's classic baseline: ``(1 - w) * model + w * baseline`` with the weight ``w`` its evaluation
         chose on validation (metrics.json "ensembles"), so predictions match the reported figure. The baseline is
         NB-LR (nblr.npz), or TF-IDF + LR (tfidf_logreg.npz) in runs made before NB-LR."""
-        run_dir, k = Path(run_dir), len(self.label_names)
+        run_dir = Path(run_dir)
         try:
             ensembles = read_json(run_dir / METRICS_FILE)["ensembles"]
-            name = next(n for n in ("model+nblr", "model+tfidf_logreg") if n in ensembles)
-            weight = float(ensembles[name]["weight_other"])
+            name = next(n for n in ("nblr", "tfidf_logreg") if f"model+{n}" in ensembles)
+            weight = float(ensembles[f"model+{name}"]["weight_other"])
         except (OSError, ValueError, KeyError, TypeError, StopIteration):
             raise CheckpointError(
                 f"{run_dir} has no model + baseline ensemble in metrics.json: the run was not evaluated yet "
                 f"(03_evaluation), or with baseline: false. Predict without the ensemble."
             ) from None
-        if name == "model+nblr":
-            model = load_nblr(run_dir / NBLR_FILE)
-            if model.num_classes != k:
-                raise CheckpointError(f"{run_dir / NBLR_FILE} has {model.num_classes} classes, the model {k} labels: "
-                                      f"they are not from the same run.")
-            self.baseline, self.baseline_weight = model.predict_proba, weight
-            return
-        pipe = load_tfidf_logreg(run_dir / TFIDF_FILE)
-        classes = pipe.named_steps["logreg"].classes_
-        if len(classes) and (classes.min() < 0 or classes.max() >= k):
-            raise CheckpointError(f"{run_dir / TFIDF_FILE} has classes {classes.tolist()}, the model "
-                                  f"{k} labels: they are not from the same run.")
-        self.baseline, self.baseline_weight = (lambda texts: tfidf_proba(pipe, texts, k)), weight
+        self.baseline, self.baseline_weight = load_baseline(run_dir, name, len(self.label_names)), weight
 
     @contextlib.contextmanager
     def threads(self, n_texts: int):
