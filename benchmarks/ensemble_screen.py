@@ -7,7 +7,8 @@ For each run folder (trained and evaluated by ``hybridlib run``) it rebuilds the
 probabilities of three predictors: ``best`` (model.pt: the kept weights, averaged from ``swa_start`` on), ``last``
 (last.pt's weights at the last epoch, not averaged) and ``baseline`` (the run's nblr.npz, or tfidf_logreg.npz in runs made before NB-LR). Candidates:
 
-- ``incumbent``: what the run ships, ``(1 - w)·best + w·baseline``, w on validation log-loss (hybridlib.baselines.ensemble);
+- ``incumbent``: what a run ships (hybridlib.baselines.ensemble: the stack since round 14);
+- ``mix``: the ensemble before round 14, ``(1 - w)·best + w·baseline``, w on validation log-loss (``mix_weight`` here);
 - ``best+last, baseline``: best and last averaged with equal weights, then the same mix with the baseline;
 - ``stack best, baseline`` / ``stack best, last, baseline``: a logistic regression on the predictors' log-probabilities,
   fitted on the validation split; its validation accuracy is 5-fold cross-validated (out of sample), its test
@@ -35,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, log_loss
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from hybridlib.baselines import ensemble, load_baseline, mix_probs, mix_weight, nblr
+from hybridlib.baselines import Stack, ensemble, load_baseline, log_features, mix_probs, nblr, stack_cv_predictions
 from hybridlib.checkpoints import load_checkpoint, load_model, model_from_checkpoint
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
@@ -45,6 +47,7 @@ from hybridlib.evaluation import evaluate_split
 from hybridlib.files import LAST_FILE, MODEL_FILE, NBLR_FILE, PARAMS_FILE
 
 SPLITS = ("validation", "test")
+MIX_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))  # the grid the shipped mix searched before round 14
 
 
 def run_probabilities(run_dir: Path, baseline: str = "run",
@@ -72,13 +75,23 @@ def run_probabilities(run_dir: Path, baseline: str = "run",
     return probs, labels, cfg.dataset
 
 
-def log_features(*parts: np.ndarray) -> np.ndarray:
-    return np.hstack([np.log(np.clip(p, 1e-7, 1.0)) for p in parts])
+def mix_weight(model: np.ndarray, other: np.ndarray, labels: np.ndarray) -> float:
+    """The weight of ``other`` in the mix with the lowest log-loss on these texts."""
+    classes = list(range(model.shape[1]))
+    return float(MIX_WEIGHTS[int(np.argmin([log_loss(labels, mix_probs(model, other, w), labels=classes)
+                                            for w in MIX_WEIGHTS]))])
+
+
+def mixed(model: dict[str, np.ndarray], other: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
+    """The mix with its weight chosen on validation: in-sample validation accuracy, test accuracy."""
+    w = mix_weight(model["validation"], other["validation"], labels["validation"])
+    return {"weight_other": w, **{f"{'val' if s == 'validation' else s}_accuracy": float(
+        accuracy_score(labels[s], mix_probs(model[s], other[s], w).argmax(1))) for s in SPLITS}}
 
 
 def stacked(parts: list[dict[str, np.ndarray]], labels: dict[str, np.ndarray], seed: int) -> dict[str, float]:
     """A logistic regression on the parts' log-probabilities: 5-fold CV accuracy on validation, test accuracy of
-    the fit on all of validation."""
+    the fit on all of validation (hybridlib's Stack where the parts are two)."""
     def features(split: str) -> np.ndarray:
         return log_features(*(p[split] for p in parts))
 
@@ -91,7 +104,9 @@ def stacked(parts: list[dict[str, np.ndarray]], labels: dict[str, np.ndarray], s
 
 
 def cv_predictions(kind: str, model: np.ndarray, other: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
-    """5-fold out-of-fold predictions on these texts of the mix ("mix") or the stack ("stack")."""
+    """5-fold out-of-fold predictions on these texts of the mix ("mix"), the stack ("stack") or "choose"."""
+    if kind == "stack":
+        return stack_cv_predictions(model, other, y, seed)
     pred = np.empty(len(y), dtype=np.int64)
     for fit, held in StratifiedKFold(5, shuffle=True, random_state=seed).split(model, y):
         pred[held] = fitted(kind, model[fit], other[fit], y[fit])(model[held], other[held])
@@ -106,8 +121,8 @@ def fitted(kind: str, model: np.ndarray, other: np.ndarray, y: np.ndarray):
     if kind == "mix":
         w = mix_weight(model, other, y)
         return lambda m, o: mix_probs(m, o, w).argmax(1)
-    clf = LogisticRegression(C=1.0, max_iter=2000).fit(log_features(model, other), y)
-    return lambda m, o: clf.predict(log_features(m, o))
+    stack = Stack.fit(model, other, y)
+    return lambda m, o: stack.predict_proba(m, o).argmax(1)
 
 
 def round14(probs: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -131,15 +146,16 @@ def screen(run_dir: Path, baseline: str = "run") -> dict[str, Any]:
         accuracy = [float((p[s].argmax(1) == labels[s]).mean()) for s in SPLITS]
         row[name] = dict(zip(("val_accuracy", "test_accuracy"), accuracy))
     row["incumbent"] = ensemble(probs["best"], probs["baseline"], labels)
+    row["mix"] = mixed(probs["best"], probs["baseline"], labels)
     both = {s: (probs["best"][s] + probs["last"][s]) / 2 for s in SPLITS}
-    row["best+last, baseline"] = ensemble(both, probs["baseline"], labels)
+    row["best+last, baseline"] = mixed(both, probs["baseline"], labels)
     row["stack best, baseline"] = stacked([probs["best"], probs["baseline"]], labels, seed=0)
     row["stack best, last, baseline"] = stacked([probs["best"], probs["last"], probs["baseline"]], labels, seed=0)
     row.update(round14(probs, labels))
     return row
 
 
-CANDIDATES = ("best", "last", "baseline", "incumbent", "best+last, baseline", "stack best, baseline", "stack best, last, baseline",
+CANDIDATES = ("best", "last", "baseline", "incumbent", "mix", "best+last, baseline", "stack best, baseline", "stack best, last, baseline",
               "mix (CV)", "stack (CV)", "choose (nested)")
 
 

@@ -1,17 +1,19 @@
 """The classic baseline every run is measured against: NB-LR (NBSVM with a logistic regression, Wang & Manning
 2012): binarized 1-3-gram presence (hashed), each class's naive-Bayes log-count ratio ``r``, a logistic regression per
 class on the r-scaled features, C and the interpolation β chosen on the same validation split, scored on the same
-test split; and the ensemble of the model with it (class probabilities averaged, weight chosen on validation).
+test split; and the ensemble of the model with it: a logistic regression on both class log-probabilities (a stack),
+fitted on validation.
 
-The fitted baseline is saved beside the model as ``nblr.npz`` (plain arrays, no pickle), so
-``Predictor.from_run(run, ensemble=True)`` can serve the ensemble too. Runs made before NB-LR saved TF-IDF + LR
-(``tfidf_logreg.npz``); :func:`load_tfidf_logreg` still serves them.
+The fitted baseline is saved beside the model as ``nblr.npz`` (plain arrays, no pickle) and the stack in metrics.json,
+so ``Predictor.from_run(run, ensemble=True)`` can serve the ensemble too. Older runs keep what they saved: TF-IDF + LR
+(``tfidf_logreg.npz``, :func:`load_tfidf_logreg`) before NB-LR, a probability average (``weight_other``) before the stack.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +21,11 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import expit, softmax
 from sklearn.feature_extraction.text import HashingVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score, log_loss
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils.parallel import Parallel, delayed
 
@@ -33,7 +37,8 @@ HASH_FEATURES = 2 ** 23  # the n-gram cap: hashed buckets, no vocabulary held, m
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 BETA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)  # Wang & Manning's interpolation w' = (1 - beta) * mean|w| + beta * w
 NB_ALPHA = 1.0  # the naive-Bayes count smoothing
-ENSEMBLE_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
+STACK_C = 1.0  # the stack's regularisation, fixed before round 14's screen
+STACK_FOLDS = 5
 
 
 def ngram_presence(texts, buckets: np.ndarray | None = None) -> sp.csr_matrix:
@@ -245,37 +250,103 @@ def load_tfidf_logreg(path: str | Path) -> Pipeline:
     return Pipeline([("tfidf", vec), ("logreg", clf)])
 
 
+def log_features(*probs: np.ndarray) -> np.ndarray:
+    """The stack's inputs: the predictors' class log-probabilities side by side (clipped at 1e-7)."""
+    return np.hstack([np.log(np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1.0)) for p in probs])
+
+
+@dataclass
+class Stack:
+    """The ensemble: a logistic regression on the model's and the baseline's class log-probabilities, fitted on the
+    validation split (``classes``: the labels it saw there; the others get probability 0)."""
+    coef: np.ndarray
+    intercept: np.ndarray
+    classes: np.ndarray
+    num_classes: int
+
+    @classmethod
+    def fit(cls, model_probs: np.ndarray, other_probs: np.ndarray, labels: np.ndarray) -> Stack:
+        classes, num_classes = np.unique(labels), model_probs.shape[1]
+        if len(classes) < 2:  # one class seen: it gets every text
+            return cls(np.zeros((1, 2 * num_classes)), np.zeros(1), classes, num_classes)
+        clf = LogisticRegression(C=STACK_C, max_iter=2000).fit(log_features(model_probs, other_probs), labels)
+        return cls(clf.coef_, clf.intercept_, clf.classes_, num_classes)
+
+    def predict_proba(self, model_probs: np.ndarray, other_probs: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, num_classes), as the fitted LogisticRegression's predict_proba."""
+        scores = log_features(model_probs, other_probs) @ self.coef.T + self.intercept
+        if len(self.classes) == 1:
+            p = np.ones((len(scores), 1))
+        elif len(self.classes) == 2:
+            p = np.hstack([1.0 - expit(scores), expit(scores)])
+        else:
+            p = softmax(scores, axis=1)
+        full = np.zeros((len(scores), self.num_classes))
+        full[:, self.classes] = p
+        return full
+
+    def to_dict(self) -> dict[str, list]:
+        return {"coef": self.coef.tolist(), "intercept": self.intercept.tolist(), "classes": self.classes.tolist()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], num_classes: int) -> Stack:
+        """The stack saved in metrics.json; ValueError where its arrays do not fit ``num_classes`` classes."""
+        coef, intercept = np.asarray(values["coef"], dtype=np.float64), np.asarray(values["intercept"], dtype=np.float64)
+        classes = np.asarray(values["classes"], dtype=np.int64)
+        rows = 1 if len(classes) <= 2 else len(classes)
+        if (coef.shape != (rows, 2 * num_classes) or intercept.shape != (rows,) or len(np.unique(classes)) != len(classes)
+                or classes.min(initial=0) < 0 or classes.max(initial=0) >= num_classes or not np.isfinite(coef).all()):
+            raise ValueError(f"a stack of shape {coef.shape} over classes {classes.tolist()} for {num_classes} classes")
+        return cls(coef, intercept, classes, num_classes)
+
+
+def stack_cv_predictions(model_probs: np.ndarray, other_probs: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Out-of-fold labels of the stack on these texts (stratified folds; fewer than STACK_FOLDS where the largest
+    class has fewer texts; in sample where it has one)."""
+    folds = min(STACK_FOLDS, int(np.bincount(labels).max()))
+    if folds < 2:
+        return Stack.fit(model_probs, other_probs, labels).predict_proba(model_probs, other_probs).argmax(1)
+    pred = np.empty(len(labels), dtype=np.int64)
+    with warnings.catch_warnings():  # "the least populated class has only k members": tiny validation splits
+        warnings.simplefilter("ignore", UserWarning)
+        split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(model_probs, labels))
+    for fit, held in split:
+        stack = Stack.fit(model_probs[fit], other_probs[fit], labels[fit])
+        pred[held] = stack.predict_proba(model_probs[held], other_probs[held]).argmax(1)
+    return pred
+
+
 def ensemble(model_probs: dict[str, np.ndarray], other_probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-             weights: tuple[float, ...] = ENSEMBLE_WEIGHTS) -> dict[str, Any]:
-    """Average two classifiers' class probabilities, ``(1 - w) * model + w * other``.
+             seed: int = 0) -> dict[str, Any]:
+    """The model + baseline :class:`Stack`, fitted on the validation split; the test split is only scored.
 
-    ``w`` is the grid value with the lowest validation log-loss (smoother than accuracy on a few thousand
-    texts, so less tuned to the validation set's noise); the test split is only scored. Each argument maps
-    "validation" and "test" to (N, C) probabilities / (N,) labels in the same row order.
+    Its validation accuracy is out of sample: STACK_FOLDS-fold cross-validated on validation (``seed``: the folds).
+    Each argument maps "validation" and "test" to (N, C) probabilities / (N,) labels in the same row order. Returns
+    the metrics.json entry, the fitted stack under "stack" (what :func:`load_ensemble` reads back).
     """
-    def mix(split: str, w: float) -> np.ndarray:
-        return mix_probs(model_probs[split], other_probs[split], w)
-
-    w = mix_weight(model_probs["validation"], other_probs["validation"], labels["validation"], weights)
-    val_pred, test_pred = mix("validation", w).argmax(1), mix("test", w).argmax(1)
+    stack = Stack.fit(model_probs["validation"], other_probs["validation"], labels["validation"])
+    val_pred = stack_cv_predictions(model_probs["validation"], other_probs["validation"], labels["validation"], seed)
+    test_pred = stack.predict_proba(model_probs["test"], other_probs["test"]).argmax(1)
     return {
-        "weight_other": w,
+        "method": "stack",
         "val_accuracy": float(accuracy_score(labels["validation"], val_pred)),
         "test_accuracy": float(accuracy_score(labels["test"], test_pred)),
         "test_macro_f1": float(f1_score(labels["test"], test_pred, average="macro")),
+        "stack": stack.to_dict(),
     }
 
 
-def mix_weight(model_probs: np.ndarray, other_probs: np.ndarray, labels: np.ndarray,
-               weights: tuple[float, ...] = ENSEMBLE_WEIGHTS) -> float:
-    """The weight of ``other`` in the mix with the lowest log-loss on these texts."""
-    classes = list(range(model_probs.shape[1]))
-    return float(weights[int(np.argmin([log_loss(labels, mix_probs(model_probs, other_probs, w), labels=classes)
-                                        for w in weights]))])
+def load_ensemble(entry: dict[str, Any], num_classes: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A metrics.json "ensembles" entry as (model probs, baseline probs) -> class probabilities: its stack, or, in
+    runs made before the stack, the mix ``(1 - w) * model + w * baseline`` with its ``weight_other``."""
+    if "stack" in entry:
+        return Stack.from_dict(entry["stack"], num_classes).predict_proba
+    weight = float(entry["weight_other"])
+    return lambda model, other: mix_probs(model, other, weight)
 
 
 def mix_probs(model_probs: np.ndarray, other_probs: np.ndarray, weight_other: float) -> np.ndarray:
-    """``(1 - w) * model + w * other``, renormalised (a float32 softmax sums to 1 only within ~1e-7)."""
+    """The ensemble of runs made before the stack: ``(1 - w) * model + w * other``, renormalised (a float32 softmax sums to 1 only within ~1e-7)."""
     p = (1 - weight_other) * np.asarray(model_probs, dtype=np.float64) + weight_other * np.asarray(other_probs, dtype=np.float64)
     return p / p.sum(1, keepdims=True)
 

@@ -157,12 +157,12 @@ def _evaluate_run(cfg: Config, run_dir: Path, data: Data, device: torch.device |
     }
     if cfg.baseline:
         summary, base_probs, fitted = nblr(data, cfg.seed, n_jobs=threads.count, max_train=cfg.baseline_max_train_samples)
-        save_nblr(fitted, run_dir / NBLR_FILE)  # Predictor.from_run(run, ensemble=True) serves the mix
+        save_nblr(fitted, run_dir / NBLR_FILE)  # Predictor.from_run(run, ensemble=True) serves the ensemble
         metrics["baselines"] = {"nblr": summary}
         val = evaluate_split(model, data.splits["validation"], cfg, data.pad_id, progress, threads)
         metrics["ensembles"] = {"model+nblr": ensemble(
             {"validation": val["probs"], "test": test["probs"]}, base_probs,
-            {"validation": val["labels"], "test": test["labels"]})}
+            {"validation": val["labels"], "test": test["labels"]}, cfg.seed)}
     write_json(run_dir / METRICS_FILE, metrics)
     report = report_text(test["labels"], test["preds"], data.label_names)
     write_text(run_dir / REPORT_FILE, report)
@@ -214,6 +214,8 @@ def baseline_table(metrics: dict[str, Any]):
     for name, b in metrics.get("baselines", {}).items():
         rows.append({"model": name, **{k: b[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1")}})
     for name, e in metrics.get("ensembles", {}).items():
-        label = name.replace("model", rows[0]["model"]) + f" (probabilities, weight {e['weight_other']:.2f} on the second)"
+        how = ("stack: logistic regression on both, validation accuracy cross-validated" if "stack" in e
+               else f"probabilities, weight {e['weight_other']:.2f} on the second")
+        label = name.replace("model", rows[0]["model"]) + f" ({how})"
         rows.append({"model": label, **{k: e[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1")}})
     return pd.DataFrame(rows).set_index("model").round(4)

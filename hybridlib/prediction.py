@@ -3,7 +3,7 @@
 ``Predictor.from_run("outputs/R").predict(["a text", ...])`` → per text: the label name, its class
 index and the probability of every class. ``Predictor.explain(text)`` also says which tokens pushed
 the decision (see :mod:`hybridlib.explain`). ``Predictor.from_run(R, ensemble=True)`` serves the run's
-model + baseline ensemble instead (the row of metrics.json "ensembles", same weight); explain() always
+model + baseline ensemble instead (the row of metrics.json "ensembles", same stack); explain() always
 explains the neural model alone.
 
 Empty or whitespace-only texts are not an error: they are encoded as the tokenizer's special tokens
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hybridlib.baselines import load_baseline, mix_probs
+from hybridlib.baselines import load_baseline, load_ensemble
 from hybridlib.batching import Collator, predict_logits
 from hybridlib.checkpoints import check_compatible, checkpoint_config, load_checkpoint, model_from_checkpoint
 from hybridlib.errors import CheckpointError, DataError
@@ -51,7 +51,7 @@ class Predictor:
         self.collate = Collator(self.pad_id, None, CUDA_PAD_MULTIPLE if device.type == "cuda" else 1,
                                 self.cfg.max_length)
         model.side_thread = SideThread()  # one-thread CPU calls: the CNN beside the BiLSTM (HybridClassifier)
-        self.baseline, self.baseline_weight = None, 0.0  # set by use_ensemble(): texts -> class probabilities
+        self.baseline = self.combine = None  # set by use_ensemble(): texts -> class probabilities; the ensemble
         self._auto: CPUThreads | None = None  # the thread policy of large calls (made on first use)
 
     @classmethod
@@ -88,20 +88,24 @@ class Predictor:
         return predictor
 
     def use_ensemble(self, run_dir: str | Path) -> None:
-        """Mix in the run's classic baseline: ``(1 - w) * model + w * baseline`` with the weight ``w`` its evaluation
-        chose on validation (metrics.json "ensembles"), so predictions match the reported figure. The baseline is
-        NB-LR (nblr.npz), or TF-IDF + LR (tfidf_logreg.npz) in runs made before NB-LR."""
+        """Combine the model with the run's classic baseline as its evaluation did (metrics.json "ensembles": the
+        stack fitted on validation; a probability average in runs made before it), so predictions match the
+        reported figure. The baseline is NB-LR (nblr.npz), or TF-IDF + LR (tfidf_logreg.npz) in runs made before it."""
         run_dir = Path(run_dir)
         try:
             ensembles = read_json(run_dir / METRICS_FILE)["ensembles"]
             name = next(n for n in ("nblr", "tfidf_logreg") if f"model+{n}" in ensembles)
-            weight = float(ensembles[f"model+{name}"]["weight_other"])
         except (OSError, ValueError, KeyError, TypeError, StopIteration):
             raise CheckpointError(
                 f"{run_dir} has no model + baseline ensemble in metrics.json: the run was not evaluated yet "
                 f"(03_evaluation), or with baseline: false. Predict without the ensemble."
             ) from None
-        self.baseline, self.baseline_weight = load_baseline(run_dir, name, len(self.label_names)), weight
+        try:
+            combine = load_ensemble(ensembles[f"model+{name}"], len(self.label_names))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{run_dir / METRICS_FILE}: its model+{name} ensemble is damaged ({e}). "
+                                  f"Evaluate the run again (03_evaluation) to rewrite it.") from None
+        self.baseline, self.combine = load_baseline(run_dir, name, len(self.label_names)), combine
 
     @contextlib.contextmanager
     def threads(self, n_texts: int):
@@ -141,7 +145,7 @@ class Predictor:
             for idx, (logits, _) in zip(chunks, predict_logits(self.model, batches, self.device, None, threads)):
                 probs[idx] = torch.softmax(logits, dim=1).cpu().numpy()
         if self.baseline is not None:
-            probs = mix_probs(probs, self.baseline(list(texts)), self.baseline_weight).astype(np.float32)
+            probs = self.combine(probs, self.baseline(list(texts))).astype(np.float32)
         return probs
 
     def result(self, probs: np.ndarray) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""hybridlib.baselines: the NB-LR baseline on the run's own split, the probability ensemble, and the TF-IDF + LR
-files of runs made before NB-LR."""
+"""hybridlib.baselines: the NB-LR baseline on the run's own split, the stacked ensemble, and what runs made before
+them saved (TF-IDF + LR files, a probability mix)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from hybridlib.baselines import ensemble, load_nblr, log_count_ratio, nblr, save_nblr
+from hybridlib.baselines import (
+    Stack,
+    ensemble,
+    load_ensemble,
+    load_nblr,
+    log_count_ratio,
+    log_features,
+    mix_probs,
+    nblr,
+    save_nblr,
+)
 from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError
 
@@ -89,23 +99,67 @@ def one_hot_noisy(labels: np.ndarray, correct: float, rng: np.random.Generator, 
     return p
 
 
-def test_ensemble_weight_is_chosen_on_validation_and_only_scored_on_test():
+def test_the_stack_is_fitted_on_validation_and_only_scored_on_test():
     rng = np.random.default_rng(0)
     labels = {s: rng.integers(0, 3, 2000) for s in ("validation", "test")}
     weak = {s: one_hot_noisy(y, 0.6, rng) for s, y in labels.items()}
     strong = {s: one_hot_noisy(y, 0.9, rng) for s, y in labels.items()}
     res = ensemble(weak, strong, labels)
-    assert res["weight_other"] > 0.5  # leans on the better classifier
-    assert res["test_accuracy"] >= (strong["test"].argmax(1) == labels["test"]).mean() - 0.01
-    assert ensemble(strong, weak, labels)["weight_other"] < 0.5
-    # the test labels never choose the weight: scrambling them leaves it unchanged
+    assert res["method"] == "stack"
+    assert res["test_accuracy"] >= (strong["test"].argmax(1) == labels["test"]).mean() - 0.01  # leans on the better
+    # the test labels never fit it: scrambling them leaves the stack unchanged
     scrambled = {**labels, "test": rng.permutation(labels["test"])}
-    assert ensemble(weak, strong, scrambled)["weight_other"] == res["weight_other"]
-    # two independent classifiers' errors partly cancel: the mix beats either
+    assert ensemble(weak, strong, scrambled)["stack"] == res["stack"]
+    # two independent classifiers' errors partly cancel: the stack beats either
     a = {s: one_hot_noisy(y, 0.8, rng) for s, y in labels.items()}
     b = {s: one_hot_noisy(y, 0.8, rng) for s, y in labels.items()}
-    mixed = ensemble(a, b, labels)
-    assert 0.2 < mixed["weight_other"] < 0.8
+    both = ensemble(a, b, labels)
+    assert both["test_accuracy"] > max((p["test"].argmax(1) == labels["test"]).mean() for p in (a, b)) + 0.03
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_the_stack_is_sklearns_logistic_regression_and_its_validation_figure_is_cross_validated(classes):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    rng = np.random.default_rng(classes)
+    labels = {s: rng.integers(0, classes, 600) for s in ("validation", "test")}
+    model = {s: one_hot_noisy(y, 0.7, rng, classes) for s, y in labels.items()}
+    other = {s: rng.dirichlet(np.ones(classes), 600) for s in labels}
+    res = ensemble(model, other, labels, seed=7)
+    x = {s: log_features(model[s], other[s]) for s in labels}
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit(x["validation"], labels["validation"])
+    stack = Stack.from_dict(res["stack"], classes)
+    np.testing.assert_allclose(stack.predict_proba(model["test"], other["test"]), clf.predict_proba(x["test"]), atol=1e-9)
+    assert res["test_accuracy"] == (clf.predict(x["test"]) == labels["test"]).mean()
+    out_of_fold = cross_val_predict(LogisticRegression(C=1.0, max_iter=2000), x["validation"], labels["validation"],
+                                    cv=StratifiedKFold(5, shuffle=True, random_state=7))
+    assert res["val_accuracy"] == (out_of_fold == labels["validation"]).mean()
+
+
+@pytest.mark.parametrize("val_labels", [[0, 1], [2, 2, 2], [0, 0, 1]])
+def test_the_stack_of_a_tiny_validation_split_still_predicts(val_labels):
+    y = np.asarray(val_labels)
+    probs = {"validation": np.full((len(y), 3), 1 / 3), "test": np.eye(3)}
+    res = ensemble(probs, probs, {"validation": y, "test": np.arange(3)})
+    served = load_ensemble(res, 3)(np.eye(3), np.eye(3))
+    assert served.shape == (3, 3) and np.allclose(served.sum(1), 1.0)
+    if len(set(val_labels)) == 1:  # one class seen: it gets every text
+        assert (served.argmax(1) == val_labels[0]).all()
+
+
+def test_a_damaged_stack_is_refused_and_a_mix_from_before_the_stack_is_served():
+    rng = np.random.default_rng(1)
+    labels = {s: rng.integers(0, 3, 300) for s in ("validation", "test")}
+    probs = {s: one_hot_noisy(y, 0.7, rng) for s, y in labels.items()}
+    entry = ensemble(probs, probs, labels)
+    for bad in ({"coef": [[1.0, 2.0]]}, {"classes": [0, 1, 5]}, {"intercept": [0.0]}, {"coef": "x"}):
+        with pytest.raises((ValueError, TypeError)):
+            load_ensemble({**entry, "stack": {**entry["stack"], **bad}}, 3)
+    with pytest.raises(ValueError):
+        load_ensemble(entry, 4)  # another run's class count
+    old = load_ensemble({"weight_other": 0.3, "test_accuracy": 0.5}, 3)
+    np.testing.assert_allclose(old(probs["test"], probs["test"][::-1]), mix_probs(probs["test"], probs["test"][::-1], 0.3))
 
 
 def test_every_evaluated_run_reports_the_baseline_and_the_ensemble(tmp_path):
@@ -119,11 +173,11 @@ def test_every_evaluated_run_reports_the_baseline_and_the_ensemble(tmp_path):
     base = metrics["baselines"]["nblr"]
     ens = metrics["ensembles"]["model+nblr"]
     assert base["hash_features"] == 2 ** 23 and base["num_train"] > 0
-    assert 0.0 <= ens["weight_other"] <= 1.0
+    assert ens["method"] == "stack" and len(ens["stack"]["intercept"]) == 3
     assert 0.0 <= ens["test_accuracy"] <= 1.0 and 0.0 <= base["test_accuracy"] <= 1.0
     table = baseline_table(metrics)
     assert list(table.index[:2]) == ["cnn+lstm", "nblr"]
-    assert table.index[2].startswith("cnn+lstm+nblr (probabilities, weight")
+    assert table.index[2].startswith("cnn+lstm+nblr (stack")
     assert table.loc["nblr", "test_accuracy"] == pytest.approx(base["test_accuracy"], abs=1e-4)
 
 

@@ -81,11 +81,12 @@ def write_old_format(run_dir: Path, **old_values) -> None:
         torch.save(ckpt, run_dir / name)
     (run_dir / PARAMS_FILE).write_text(yaml.safe_dump(old, sort_keys=False), encoding="utf-8")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # the baseline then: TF-IDF + LR in tfidf_logreg.npz, under its own name in metrics.json
+    # the baseline then: TF-IDF + LR in tfidf_logreg.npz, under its own name in metrics.json, mixed by a weight
     (run_dir / NBLR_FILE).unlink()
     save_tfidf_logreg(fit_tfidf_logreg(TEXTS[:3] * 2, [0, 1, 2] * 2), run_dir / TFIDF_FILE)
     metrics["baselines"] = {"tfidf_logreg": {**metrics["baselines"]["nblr"], "name": "tfidf_1-2gram_logreg"}}
-    metrics["ensembles"] = {"model+tfidf_logreg": metrics["ensembles"]["model+nblr"]}
+    ens = {k: v for k, v in metrics["ensembles"]["model+nblr"].items() if k not in ("method", "stack")}
+    metrics["ensembles"] = {"model+tfidf_logreg": {**ens, "weight_other": 0.4}}
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "params": old}, indent=2))
 
 

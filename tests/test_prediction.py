@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import multiprocessing
 import pickle
@@ -326,21 +327,19 @@ def test_explain_empty_text(predictor):
 # ----------------------------------------------------------------------------- the model + NB-LR ensemble
 
 
-def test_ensemble_predictions_are_the_evaluated_mix(run_dir, predictor):
-    """from_run(ensemble=True) mixes the saved baseline in with the weight the evaluation chose, and on the
+def test_ensemble_predictions_are_the_evaluated_stack(run_dir, predictor):
+    """from_run(ensemble=True) stacks the saved baseline with the model as the evaluation fitted it, and on the
     test split it scores what metrics.json reports for the ensemble."""
-    import json
-
-    from hybridlib.baselines import load_nblr, mix_probs
+    from hybridlib.baselines import Stack, load_nblr
     from hybridlib.config import load_config
     from hybridlib.data import prepare_data
 
     ens = Predictor.from_run(run_dir, ensemble=True)
     reported = json.loads((run_dir / "metrics.json").read_text())["ensembles"]["model+nblr"]
-    assert ens.baseline_weight == reported["weight_other"]
     texts = [SPORTS, BUSINESS, "", "words the baseline never saw"]
     baseline = load_nblr(run_dir / "nblr.npz").predict_proba(texts)
-    expected = mix_probs(predictor.predict_proba(texts), baseline, reported["weight_other"])
+    stack = Stack.from_dict(reported["stack"], len(predictor.label_names))
+    expected = stack.predict_proba(predictor.predict_proba(texts), baseline)
     assert np.allclose(ens.predict_proba(texts), expected, atol=1e-6)
     for r in ens.predict(texts):
         check_result(r, ens.label_names)
@@ -360,3 +359,21 @@ def test_ensemble_of_a_run_without_baseline_is_a_clear_error(run_dir, tmp_path):
     with pytest.raises(CheckpointError, match="no model \\+ baseline ensemble in metrics.json"):
         Predictor.from_run(copy, ensemble=True)
     Predictor.from_run(copy).predict(SPORTS)  # the model alone still works
+
+
+def test_ensemble_of_a_run_made_before_the_stack_is_its_mix_and_a_damaged_stack_is_refused(run_dir, predictor, tmp_path):
+    from hybridlib.baselines import load_nblr, mix_probs
+
+    copy = tmp_path / "mix-era"
+    shutil.copytree(run_dir, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    entry = metrics["ensembles"]["model+nblr"]
+    old = {k: v for k, v in entry.items() if k not in ("stack", "method")} | {"weight_other": 0.35}
+    (copy / "metrics.json").write_text(json.dumps({**metrics, "ensembles": {"model+nblr": old}}))
+    texts = [SPORTS, BUSINESS]
+    expected = mix_probs(predictor.predict_proba(texts), load_nblr(copy / "nblr.npz").predict_proba(texts), 0.35)
+    assert np.allclose(Predictor.from_run(copy, ensemble=True).predict_proba(texts), expected, atol=1e-6)
+    damaged = {**entry, "stack": {**entry["stack"], "coef": [[0.0]]}}
+    (copy / "metrics.json").write_text(json.dumps({**metrics, "ensembles": {"model+nblr": damaged}}))
+    with pytest.raises(CheckpointError, match="model\\+nblr ensemble is damaged.*Evaluate the run again"):
+        Predictor.from_run(copy, ensemble=True)
