@@ -7,7 +7,8 @@ seconds-per-text ratio against the smallest size.
 Corpora (made once per size under --work): text i is IMDB train review i % 25,000 with its label; from the
 second copy of a review on, a seeded perturbation (3 words dropped, 2 neighbouring words swapped) keeps copies
 distinct; the parquet file has row groups of 25,000 rows. The test split is always the fixed IMDB test split (25,000). The run: params/imdb.yaml with one epoch,
-max_length 128, swa off, and num_threads pinned (the defaults otherwise: ppmi, the baseline with its cap).
+max_length 128, swa off, and num_threads pinned (``--threads 0``: the automatic policy, as a default run; pinned threads
+crawl beside another busy process) (the defaults otherwise: ppmi, the baseline with its cap).
 
 Every stage runs in a fresh process, as `hybridlib run` gives each notebook its own kernel; its peak RSS is that
 process's (imports included). tokenize: prepare_data on an empty datasets cache (parquet -> Arrow -> token ids);
@@ -71,7 +72,7 @@ def config(a: argparse.Namespace, size: int):
 
     return load_config(ROOT / "params" / "imdb.yaml", {
         "data_dir": str(Path(a.work) / f"data-{size}"), "tokenizer": a.tokenizer, "epochs": 1, "max_length": 128,
-        "swa_start": 0, "num_threads": a.threads, "run_dir": str(Path(a.work) / f"run-{size}")})
+        "swa_start": 0, "num_threads": a.threads or None, "run_dir": str(Path(a.work) / f"run-{size}")})
 
 
 def tree_peak(box: dict) -> None:
@@ -135,7 +136,7 @@ def stage(a: argparse.Namespace) -> dict:
 
         data = prepare_data(cfg)
         t0 = time.perf_counter()
-        summary = nblr(data, cfg.seed, n_jobs=a.threads, max_train=cfg.baseline_max_train_samples)[0]
+        summary = nblr(data, cfg.seed, n_jobs=a.threads or 2, max_train=cfg.baseline_max_train_samples)[0]
         out.update(num_train=summary["num_train"], test_accuracy=summary["test_accuracy"])
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
@@ -153,6 +154,8 @@ def measure(a: argparse.Namespace, size: int, trained: int | None) -> dict[str, 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(work / f"hf-{size}"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     shutil.rmtree(work / f"run-{size}", ignore_errors=True)
+    if "tokenize" in a.stages:  # tokenize measures an empty datasets cache, as a first run has
+        shutil.rmtree(work / f"hf-{size}", ignore_errors=True)
     train = a.train_sizes is None or size in a.train_sizes
     if not train and "evaluate" in a.stages:
         shutil.copytree(work / f"run-{trained}", work / f"run-{size}", ignore=shutil.ignore_patterns("run.lock"))
@@ -193,7 +196,7 @@ def main() -> None:
     p.add_argument("--work", required=True, help="folder for the corpora, datasets caches and runs")
     p.add_argument("--sizes", type=int, nargs="+", default=[25_000, 100_000, 400_000])
     p.add_argument("--train-sizes", type=int, nargs="*", help="train at these sizes only (default: all)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads per stage; 0: automatic (hybridlib's policy)")
     p.add_argument("--imdb", default=str(ROOT.parent / "shared" / "data" / "imdb"))
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "tokenizers" / "bert-base-uncased"))
     p.add_argument("--json", help="also write the figures here")
