@@ -295,7 +295,8 @@ class Stack:
         classes = np.asarray(values["classes"], dtype=np.int64)
         rows = 1 if len(classes) <= 2 else len(classes)
         if (coef.shape != (rows, 2 * num_classes) or intercept.shape != (rows,) or len(np.unique(classes)) != len(classes)
-                or classes.min(initial=0) < 0 or classes.max(initial=0) >= num_classes or not np.isfinite(coef).all()):
+                or classes.min(initial=0) < 0 or classes.max(initial=0) >= num_classes
+                or not (np.isfinite(coef).all() and np.isfinite(intercept).all())):
             raise ValueError(f"a stack of shape {coef.shape} over classes {classes.tolist()} for {num_classes} classes")
         return cls(coef, intercept, classes, num_classes)
 
