@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto.")
     p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
     p.add_argument("--ensemble", action="store_true",
-                   help="Average with the run's classic baseline, as its metrics.json 'ensembles' measured.")
+                   help="Combine with the run's classic baseline, as its metrics.json 'ensembles' measured.")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("visualize", help="Write a run's plots and print its metrics.")
