@@ -3,6 +3,7 @@ with one message naming the notebook, the cause, what uses memory and the resume
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 
@@ -36,7 +37,8 @@ def test_a_killed_kernel_is_named_with_its_cause_and_the_run_resumes(tmp_path):
             run.kill()
             run.communicate()
     assert run.returncode == 2, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
+    # hybridlib's own code raises no traceback (a kernel's shutdown may log ipykernel's own zmq race on a busy machine)
+    assert not re.search(r'File "[^"]*[/\\]hybridlib[/\\][a-z_]+\.py"', err), err[-3000:]
     message = err.strip().splitlines()[-1]
     finished = len(log_rows(run_dir))
     assert finished < CLI_EPOCHS, "training finished before the kill: the test needs slower epochs"
