@@ -77,18 +77,21 @@ def config(a: argparse.Namespace, size: int):
 
 def tree_peak(box: dict) -> None:
     """Keep box["mb"] at the largest RSS summed over this process and its children (the baseline's joblib workers),
-    sampled every 0.2 s; shared pages count once per process, so this is an upper bound."""
+    sampled every 0.2 s (shared pages count once per process: an upper bound), and box["pss_mb"] at the largest PSS
+    sum (shared pages split between the processes that map them: what the tree really holds; Linux only)."""
     import psutil
 
     me = psutil.Process()
     while True:
-        total = 0
+        rss = pss = 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                info = p.memory_full_info()
+                rss, pss = rss + info.rss, pss + getattr(info, "pss", 0)
             except psutil.Error:  # a child that just ended
                 pass
-        box["mb"] = max(box.get("mb", 0), total / 2**20)
+        box["mb"] = max(box.get("mb", 0), rss / 2**20)
+        box["pss_mb"] = max(box.get("pss_mb", 0), pss / 2**20)
         time.sleep(0.2)
 
 
@@ -141,6 +144,7 @@ def stage(a: argparse.Namespace) -> dict:
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     out["tree_peak_mb"] = tree.get("mb", 0.0)
+    out["tree_pss_mb"] = tree.get("pss_mb", 0.0)
     proc = Path("/proc/self/status")  # Linux: at the end, file-backed pages (memory-mapped Arrow) vs the process's own
     status = dict(line.split(":", 1) for line in proc.read_text().splitlines()) if proc.is_file() else {}
     out.update({k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile") if k in status})
