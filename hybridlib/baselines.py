@@ -135,7 +135,10 @@ def nblr(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, beta_grid: tup
     targets = [1] if num_classes == 2 else list(range(num_classes))
     ratios = [log_count_ratio(x_train, y_train == k) for k in targets]
     scaled = [x_train.multiply(r).tocsr() for r in ratios]
+    del x_train  # the fits read only the scaled copies: one matrix fewer held beside liblinear's own copies
     ys = [(y_train == k).astype(int) for k in targets]
+    # processes, not threads: liblinear draws from one process-wide random generator, so fits in threads at once
+    # change each other's results
     fits = Parallel(n_jobs=max(1, min(n_jobs, len(c_grid))))(
         delayed(_fit_classes)(scaled, ys, c, seed) for c in c_grid)
     best = None
