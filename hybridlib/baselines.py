@@ -214,16 +214,16 @@ def load_nblr(path: str | Path) -> NBLR:
     return NBLR(buckets, coef, intercept, num_classes)
 
 
-def _all_classes(clf, p: np.ndarray, num_classes: int) -> np.ndarray:
-    """predict_proba has a column per class seen in training only: put them in a (N, num_classes) matrix."""
+def _all_classes(p: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """A probability column per class seen in fitting (``classes``) put in a (N, num_classes) matrix."""
     full = np.zeros((p.shape[0], num_classes))
-    full[:, clf.classes_] = p
+    full[:, classes] = p
     return full
 
 
 def tfidf_proba(pipe: Pipeline, texts: list[str], num_classes: int) -> np.ndarray:
     """Class probabilities (len(texts), num_classes) of a fitted TF-IDF + LR pipeline."""
-    return _all_classes(pipe.named_steps["logreg"], pipe.predict_proba(texts), num_classes)
+    return _all_classes(pipe.predict_proba(texts), pipe.named_steps["logreg"].classes_, num_classes)
 
 
 def load_tfidf_logreg(path: str | Path) -> Pipeline:
@@ -284,9 +284,7 @@ class Stack:
             p = np.hstack([1.0 - expit(scores), expit(scores)])
         else:
             p = softmax(scores, axis=1)
-        full = np.zeros((len(scores), self.num_classes))
-        full[:, self.classes] = p
-        return full
+        return _all_classes(p, self.classes, self.num_classes)
 
     def to_dict(self) -> dict[str, list]:
         return {"coef": self.coef.tolist(), "intercept": self.intercept.tolist(), "classes": self.classes.tolist()}

@@ -21,19 +21,12 @@ NEEDED = ("dataset", "params", "test_accuracy", "test_macro_f1", "best_val_accur
           "num_parameters")
 
 
-def load_run(run_dir: str | Path) -> dict:
-    m = read_metrics(run_dir, NEEDED)
-    m["history"] = read_history(run_dir)
-    m["run_dir"] = str(run_dir)
-    return m
-
-
 def load_runs(run_dirs: list[str | Path]) -> list[dict]:
     """The runs that can be read; each one that cannot is skipped with a line saying which file and why."""
     runs, skipped = [], []
     for d in run_dirs:
         try:
-            runs.append(load_run(d))
+            runs.append({**read_metrics(d, NEEDED), "history": read_history(d), "run_dir": str(d)})
         except HybridlibError as e:
             skipped.append(str(e))
             print(f"[hybridlib] skipping {d}: {e}", file=sys.stderr)

@@ -24,8 +24,9 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from hybridlib.config import Config
-from hybridlib.errors import ConfigError, HybridlibError, RunError
+from hybridlib.errors import ConfigError, RunError, error_classes
 from hybridlib.runtime import dist_info, resolve_device
+from hybridlib.threads import allowed_cpus
 
 
 def backend_for(device: str = "auto") -> str:
@@ -49,13 +50,6 @@ def check_world(cfg: Config, world_size: int, local_world_size: int | None = Non
             )
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def process_group(device: str = "auto"):
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
@@ -67,7 +61,7 @@ def process_group(device: str = "auto"):
     # CPU workers share the machine's cores (torchrun sets 1 thread each; the elastic API sets none)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info().world_size))
     if backend == "gloo":
-        torch.set_num_threads(max(1, _cpu_count() // local_world))
+        torch.set_num_threads(max(1, len(allowed_cpus()) // local_world))
     yield dist_info()
     torch.distributed.destroy_process_group()  # not on errors: the launcher stops the other ranks
 
@@ -120,11 +114,7 @@ def _worker_error(e, log_dir: str) -> Exception:
     if isinstance(msg, dict):
         msg = msg.get("message", "")
     name, _, text = str(msg).partition(": ")
-    errors, todo = {}, [HybridlibError]
-    while todo:
-        c = todo.pop()
-        errors[c.__name__] = c
-        todo.extend(c.__subclasses__())
+    errors = error_classes()
     if name in errors and text:
         return errors[name](text)
     return RunError(

@@ -23,3 +23,8 @@ class CheckpointError(HybridlibError, ValueError):
 
 class RunError(HybridlibError, RuntimeError):
     """A run directory cannot be used (exists, missing, incomplete) or training diverged."""
+
+
+def error_classes() -> dict[str, type[HybridlibError]]:
+    """hybridlib's error classes by name: to re-raise an error that crossed a process boundary as itself."""
+    return {c.__name__: c for c in (HybridlibError, *HybridlibError.__subclasses__())}

@@ -14,6 +14,7 @@ in the original text, so the text can be shown highlighted.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -24,14 +25,13 @@ from hybridlib.tokens import cut, shorten, special_tokens, truncation_budget
 METHODS = ("gradient", "occlusion")
 
 
-def _target_index(predictor, target, probs: torch.Tensor) -> int:
-    if target is None:
-        return int(probs.argmax())
-    if isinstance(target, str):
-        if target not in predictor.label_names:
-            raise DataError(f"explain(target={target!r}): not a class of this model ({predictor.label_names}).")
-        return predictor.label_names.index(target)
-    return int(target)
+def _target_index(predictor, target: str | int) -> int:
+    names = predictor.label_names
+    if isinstance(target, str) and target in names:
+        return names.index(target)
+    if isinstance(target, numbers.Integral) and 0 <= target < len(names):
+        return int(target)
+    raise DataError(f"explain(target={target!r}): not a class of this model; use one of {names} or 0-{len(names) - 1}.")
 
 
 def _encode_with_spans(predictor, text: str) -> tuple[list[int], list[tuple[int, int] | None], list[int | None], bool]:
@@ -106,17 +106,16 @@ def explain(predictor, text: str, method: str = "gradient", target: str | int | 
     ids, spans, word_ids, truncated = _encode_with_spans(predictor, text)
     batch = predictor.collate([{"input_ids": ids}])
     batch, mask = batch["input_ids"].to(predictor.device), batch["attention_mask"].to(predictor.device)
-    probs_target = None if target is None else _target_index(predictor, target, torch.zeros(len(predictor.label_names)))
+    target = None if target is None else _target_index(predictor, target)
+    keep = [i for i, s in enumerate(spans) if s is not None]  # the text's tokens, not the special ones
     if method == "gradient":
-        logp, scores, t = _gradient_x_input(predictor, batch, mask, probs_target)
+        logp, scores, t = _gradient_x_input(predictor, batch, mask, target)
     else:
-        positions = [i for i, s in enumerate(spans) if s is not None]
-        logp, scores, t = _occlusion(predictor, batch, mask, probs_target, positions)
+        logp, scores, t = _occlusion(predictor, batch, mask, target, keep)
     probs = logp.exp().cpu().numpy()
     probs = probs / probs.sum()
     out = predictor.result(probs)
     scores = scores.cpu().tolist()
-    keep = [i for i, s in enumerate(spans) if s is not None]
     out.update(
         target=predictor.label_names[t],
         method=method,

@@ -16,8 +16,6 @@ from hybridlib.files import PARAMS_FILE
 from hybridlib.locations import project_root, resolve_paths
 from hybridlib.runs import latest_run, outputs_root
 
-#: Every name a notebook reads as a parameter: ``params_file`` and the Config fields (``run_dir`` is one).
-PARAMETER_NAMES: tuple[str, ...] = ("params_file", *FIELDS)
 SOURCE = "the notebook's parameters"
 _PARAMETER_TYPES = (str, int, float, bool, list, tuple, type(None))  # what a parameter cell or papermill sets
 

@@ -24,7 +24,7 @@ from papermill.iorw import LocalHandler, papermill_io
 from hybridlib.config import Config
 from hybridlib.data import Data, preflight, prepare_data
 from hybridlib.distributed import check_world, process_group
-from hybridlib.errors import HybridlibError, RunError
+from hybridlib.errors import HybridlibError, RunError, error_classes
 from hybridlib.files import (
     LAST_FILE,
     MODEL_FILE,
@@ -111,7 +111,7 @@ def execute(run_dir: Path, notebooks_dir: Path | None = None, extra: dict[str, A
 def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunError:
     """The RunError for a notebook that stopped with an exception (a hybridlib error: its own message)."""
     kind = e.ename
-    if kind in {c.__name__ for c in (HybridlibError, *HybridlibError.__subclasses__())}:
+    if kind in error_classes():
         return RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name})")
     if reports_disk_full(kind, e.evalue):
         return RunError(

@@ -4,13 +4,8 @@
 index and the probability of every class. ``Predictor.explain(text)`` also says which tokens pushed
 the decision (see :mod:`hybridlib.explain`). ``Predictor.from_run(R, ensemble=True)`` serves the run's
 model + baseline ensemble instead (the row of metrics.json "ensembles", same stack); explain() always
-explains the neural model alone.
-
-Empty or whitespace-only texts are not an error: they are encoded as the tokenizer's special tokens
-only ([CLS] [SEP] for BERT), so the model answers for "no evidence" (in practice: the class it leans
-to by default). Texts longer than ``max_length`` tokens are truncated exactly as in training
-(``truncation``: head, or head and tail); very long texts (a book) are shortened to the parts the
-model would read before tokenizing, so a 1 MB text costs about as much as a short one.
+explains the neural model alone. Texts are read as in training (:meth:`Predictor.encode`); an empty one is
+classified from the special tokens alone.
 """
 
 from __future__ import annotations

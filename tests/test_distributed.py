@@ -21,6 +21,7 @@ from hybridlib import distributed, training
 from hybridlib.config import load_config
 from hybridlib.errors import ConfigError, RunError
 from hybridlib.runs import LOG_COLUMNS
+from hybridlib.threads import allowed_cpus
 
 TRACE_ENV = "HYBRIDLIB_TEST_TRACE_DIR"
 
@@ -89,7 +90,7 @@ def traced_worker(cfg, run_dir, data, progress=True):
         "batches": batches,
         "writes": writes,
         "cache_files": [f["filename"] for f in data.splits["train"].cache_files],
-        "cpus": distributed._cpu_count(),
+        "cpus": len(allowed_cpus()),
         "threads": threads,
         "embedding_inits": inits,
     }

@@ -33,9 +33,10 @@ PROBE = "PROBE "
 
 
 def parameter_names() -> set[str]:
-    from hybridlib.notebook import PARAMETER_NAMES
+    """Every name a notebook reads as a parameter: ``params_file`` and the Config fields (``run_dir`` is one)."""
+    from hybridlib.config import FIELDS
 
-    return set(PARAMETER_NAMES)
+    return {"params_file", *FIELDS}
 
 
 def assigned_names(source: str) -> set[str]:

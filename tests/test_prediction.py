@@ -301,8 +301,11 @@ def test_explain_keywords_push_towards_their_class(predictor):
             e = predictor.explain(text, method="occlusion", target=name)
             tops.append(max(e["words"], key=lambda w: w["score"])["text"].lower() in fixtures.KEYWORDS[name])
     assert len(tops) >= 9 and sum(tops) >= 0.8 * len(tops), tops
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="not a class of this model"):
         predictor.explain("x", target="no-such-class")
+    with pytest.raises(DataError, match="not a class of this model"):
+        predictor.explain("x", target=len(fixtures.LABEL_NAMES))
+    assert predictor.explain("x", target=1)["target"] == fixtures.LABEL_NAMES[1]
     with pytest.raises(DataError):
         predictor.explain("x", method="magic")
 
