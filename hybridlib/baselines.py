@@ -1,9 +1,8 @@
 """The classic baseline every run is measured against: NB-LR (NBSVM with a logistic regression, Wang & Manning
-2012): binarized 1-3-gram presence (hashed), each class's naive-Bayes log-count ratio ``r``, a logistic regression per
-class on the r-scaled features, C and the interpolation β chosen on the same validation split, scored on the same
-test split; and the ensemble of the model with it: a logistic regression on both class log-probabilities (a stack),
-fitted on validation.
-
+2012): binarized presence of 1-3-grams of words and punctuation marks (hashed), each class's naive-Bayes log-count
+ratio ``r``, a logistic regression per class on the r-scaled features, C and the interpolation β chosen on the same
+validation split, scored on the same test split; and the ensemble of the model with it: a logistic regression on
+both class log-probabilities (a stack), fitted on validation.
 The fitted baseline is saved beside the model as ``nblr.npz`` (plain arrays, no pickle) and the stack in metrics.json,
 so ``Predictor.from_run(run, ensemble=True)`` can serve the ensemble too. Older runs keep what they saved: TF-IDF + LR
 (``tfidf_logreg.npz``, :func:`load_tfidf_logreg`) before NB-LR, a probability average (``weight_other``) before the stack.
@@ -33,6 +32,8 @@ from hybridlib.errors import CheckpointError
 from hybridlib.files import NBLR_FILE, TFIDF_FILE, atomic_write
 
 NGRAMS = (1, 3)
+TOKENS = r"(?u)\b\w+\b|[^\w\s]"  # words of any length and each punctuation mark, as NBSVM's papers tokenized
+TOKENS_V1 = r"(?u)\b\w\w+\b"  # sklearn's default, words of 2+ characters: nblr.npz files of version 1 (round 14)
 HASH_FEATURES = 2 ** 23  # the n-gram cap: hashed buckets, no vocabulary held, memory bounded whatever the corpus
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 BETA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)  # Wang & Manning's interpolation w' = (1 - beta) * mean|w| + beta * w
@@ -41,11 +42,11 @@ STACK_C = 1.0  # the stack's regularisation, fixed before round 14's screen
 STACK_FOLDS = 5
 
 
-def ngram_presence(texts, buckets: np.ndarray | None = None) -> sp.csr_matrix:
+def ngram_presence(texts, buckets: np.ndarray | None = None, tokens: str = TOKENS) -> sp.csr_matrix:
     """Binary 1-3-gram presence of ``texts``, hashed into HASH_FEATURES buckets (stateless: nothing to fit);
     with ``buckets`` (sorted), only those columns, in that order (n-grams in other buckets are dropped)."""
     vec = HashingVectorizer(ngram_range=NGRAMS, n_features=HASH_FEATURES, binary=True, norm=None,
-                            alternate_sign=False, strip_accents="unicode")
+                            alternate_sign=False, strip_accents="unicode", token_pattern=tokens)
     x = vec.transform(texts)
     return x if buckets is None else _columns(x, buckets)
 
@@ -61,15 +62,17 @@ def _columns(x: sp.csr_matrix, buckets: np.ndarray) -> sp.csr_matrix:
 @dataclass
 class NBLR:
     """A fitted NB-LR over the hashed n-gram ``buckets`` seen in training: ``coef`` (rows, len(buckets)), one row
-    for two classes (class 1), else one per class."""
+    for two classes (class 1), else one per class; ``tokens``: the token pattern its n-grams are made of."""
     buckets: np.ndarray
     coef: np.ndarray
     intercept: np.ndarray
     num_classes: int
+    tokens: str = TOKENS
 
     def predict_proba(self, texts) -> np.ndarray:
         """Class probabilities (len(texts), num_classes): sigmoids of the scores; one-vs-rest ones renormalised."""
-        return _probabilities(ngram_presence(texts, self.buckets) @ self.coef.T + self.intercept, self.num_classes)
+        x = ngram_presence(texts, self.buckets, self.tokens)
+        return _probabilities(x @ self.coef.T + self.intercept, self.num_classes)
 
 
 def _probabilities(scores: np.ndarray, num_classes: int) -> np.ndarray:
@@ -157,6 +160,7 @@ def nblr(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, beta_grid: tup
         "C": c,
         "beta": beta,
         "hash_features": HASH_FEATURES,
+        "token_pattern": TOKENS,
         "max_train_samples": max_train,
         "num_train": len(train),
         "val_accuracy": float(val_acc),
@@ -169,8 +173,8 @@ def nblr(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, beta_grid: tup
 
 def save_nblr(model: NBLR, path: str | Path) -> None:
     """Write a fitted NB-LR as plain arrays (its buckets, coefficients, intercepts, settings): loadable without pickle."""
-    params = {"format": "hybridlib-nblr", "version": 1, "hash_features": HASH_FEATURES, "ngram_range": list(NGRAMS),
-              "num_classes": model.num_classes}
+    params = {"format": "hybridlib-nblr", "version": 2, "hash_features": HASH_FEATURES, "ngram_range": list(NGRAMS),
+              "token_pattern": model.tokens, "num_classes": model.num_classes}
     arrays = {"buckets": model.buckets.astype(np.int32), "coef": model.coef.astype(np.float32),
               "intercept": np.asarray(model.intercept, dtype=np.float64),
               "params": np.frombuffer(json.dumps(params).encode("utf-8"), dtype=np.uint8)}
@@ -190,8 +194,9 @@ def load_nblr(path: str | Path) -> NBLR:
         with np.load(path, allow_pickle=False) as z:
             params = json.loads(bytes(z["params"]).decode("utf-8"))
             buckets, coef, intercept = z["buckets"].astype(np.int64), z["coef"], z["intercept"]
+        tokens = params.get("token_pattern", TOKENS_V1)
         settings = (params.get("format"), params.get("hash_features"), params.get("ngram_range"))
-        if settings != ("hybridlib-nblr", HASH_FEATURES, list(NGRAMS)):
+        if settings != ("hybridlib-nblr", HASH_FEATURES, list(NGRAMS)) or tokens not in (TOKENS, TOKENS_V1):
             raise ValueError(f"settings {params}")
         num_classes = int(params["num_classes"])
     except FileNotFoundError:
@@ -211,7 +216,7 @@ def load_nblr(path: str | Path) -> NBLR:
     if num_classes < 2 or problems:
         raise CheckpointError(f"{path} is damaged: its {', '.join(problems) or 'class count'} do not fit "
                               f"{num_classes} classes. Evaluate the run again to rewrite it.")
-    return NBLR(buckets, coef, intercept, num_classes)
+    return NBLR(buckets, coef, intercept, num_classes, tokens)
 
 
 def _all_classes(p: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
