@@ -3,6 +3,7 @@
 ratio ``r``, a logistic regression per class on the r-scaled features, C and the interpolation β chosen on the same
 validation split, scored on the same test split; and the ensemble of the model with it: a logistic regression on
 both class log-probabilities (a stack), fitted on validation.
+
 The fitted baseline is saved beside the model as ``nblr.npz`` (plain arrays, no pickle) and the stack in metrics.json,
 so ``Predictor.from_run(run, ensemble=True)`` can serve the ensemble too. Older runs keep what they saved: TF-IDF + LR
 (``tfidf_logreg.npz``, :func:`load_tfidf_logreg`) before NB-LR, a probability average (``weight_other``) before the stack.
