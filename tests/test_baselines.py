@@ -3,6 +3,7 @@ them saved (TF-IDF + LR files, a probability mix)."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -237,6 +238,27 @@ def test_loading_a_bad_nblr_file_is_a_clear_error(tiny_data, tmp_path):
     settings = np.frombuffer(b'{"format": "something else"}', dtype=np.uint8)
     with pytest.raises(CheckpointError, match="not an NB-LR baseline"):
         load_nblr(tampered(good, tmp_path / "format.npz", params=settings))
+
+
+def test_an_nblr_file_from_before_punctuation_tokens_reads_texts_as_it_was_fitted(tiny_data, tmp_path):
+    """Version 1 (round 14) made n-grams of sklearn's default tokens (words of 2+ characters) and did not say so."""
+    from hybridlib.baselines import TOKENS, TOKENS_V1, ngram_presence
+
+    good = tmp_path / "good.npz"
+    model = nblr(tiny_data, seed=0, c_grid=(1.0,))[2]
+    save_nblr(model, good)
+    v1 = {"format": "hybridlib-nblr", "version": 1, "hash_features": 2 ** 23, "ngram_range": [1, 3], "num_classes": 3}
+    old = load_nblr(tampered(good, tmp_path / "v1.npz", params=np.frombuffer(json.dumps(v1).encode(), np.uint8)))
+    assert (old.tokens, load_nblr(good).tokens) == (TOKENS_V1, TOKENS)
+    texts = ["a film I liked !", "a b c ? ! x"] + list(tiny_data.splits["test"]["text"])
+    x_old, x_new = (ngram_presence(texts, model.buckets, t) for t in (TOKENS_V1, TOKENS))
+    assert (x_old != x_new).nnz > 0  # the two patterns make different n-grams of these texts
+    sigmoid = 1.0 / (1.0 + np.exp(-(x_old @ model.coef.T + model.intercept)))  # one-vs-rest, renormalised
+    np.testing.assert_allclose(old.predict_proba(texts), sigmoid / sigmoid.sum(1, keepdims=True), rtol=0, atol=1e-12)
+    assert not np.allclose(old.predict_proba(texts), model.predict_proba(texts))
+    with pytest.raises(CheckpointError, match="not an NB-LR baseline"):
+        bad = {**v1, "version": 2, "token_pattern": "(a+)+$"}
+        load_nblr(tampered(good, tmp_path / "bad.npz", params=np.frombuffer(json.dumps(bad).encode(), np.uint8)))
 
 
 def test_a_tfidf_baseline_saved_before_nblr_still_loads(tmp_path):
