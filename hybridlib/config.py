@@ -133,7 +133,7 @@ class Config:
     resume: bool = _f(False, "run", "Continue an interrupted run from run_dir/last.pt.")
     baseline: bool = _f(True, "run", "Also fit the classic baseline (NB-LR: naive-Bayes weighted 1-3-grams + logistic "
                         "regression) on the same split, and the ensemble of the model with it.")
-    baseline_max_train_samples: Optional[int] = _f(100_000, "run", "Fit the baseline on a seeded sample of at most "
+    baseline_max_train_samples: Optional[int] = _f(75_000, "run", "Fit the baseline on a seeded sample of at most "
                                                    "this many training texts (bounded memory); unset: all.", min=1)
 
     def __post_init__(self) -> None:
