@@ -161,7 +161,7 @@ def nblr(data, seed: int = 0, c_grid: tuple[float, ...] = C_GRID, beta_grid: tup
         "C": c,
         "beta": beta,
         "hash_features": HASH_FEATURES,
-        "token_pattern": TOKENS,
+        "token_pattern": model.tokens,
         "max_train_samples": max_train,
         "num_train": len(train),
         "val_accuracy": float(val_acc),
