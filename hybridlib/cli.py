@@ -10,7 +10,7 @@ from typing import Any
 
 from hybridlib.config import Config, describe, load_config, parse_cli_value, validate
 from hybridlib.errors import HybridlibError
-from hybridlib.locations import check_locations
+from hybridlib.locations import pin_locations
 
 # Each command imports the modules it runs when it starts, so that --help, `hybridlib params` and a refused
 # parameter answer without loading torch, datasets or papermill.
@@ -24,7 +24,7 @@ def config_from_args(a: argparse.Namespace) -> Config:
     """The command's Config; a bad parameter or a missing data or tokenizer folder is refused here, before the
     command loads torch."""
     cfg = load_config(a.params, _overrides(a.parameter))
-    check_locations(cfg)
+    pin_locations(cfg)
     return cfg
 
 

@@ -14,7 +14,7 @@ import datasets
 from hybridlib.config import Config
 from hybridlib.errors import DataError
 from hybridlib.hub import hub_reachable
-from hybridlib.locations import check_locations, data_folder
+from hybridlib.locations import data_folder, pin_locations
 from hybridlib.rawdata import encode_labels, load_raw
 from hybridlib.tokens import encode_texts, load_tokenizer, tokenizer_fingerprint
 
@@ -66,8 +66,8 @@ def split_train_val(dsd, cfg: Config):
 
 
 def preflight(cfg: Config) -> None:
-    """Fail before a run starts if its data or tokenizer cannot be found or loaded."""
-    check_locations(cfg)
+    """Fail before a run starts if its data or tokenizer cannot be found or loaded (local folders: pinned in ``cfg``)."""
+    pin_locations(cfg)
     load_tokenizer(cfg.tokenizer)
     if data_folder(cfg) is None and not hub_reachable():
         load_raw(cfg)  # offline: succeeds only from the local datasets cache, else a clear DataError

@@ -71,7 +71,13 @@ def tokenizer_folder(name: str) -> Path | None:
     return local if local.exists() else None
 
 
-def check_locations(cfg: Any) -> None:
-    """Refuse a data folder or tokenizer folder that does not exist (file-system checks only: fast)."""
-    data_folder(cfg)
-    tokenizer_folder(cfg.tokenizer)
+def pin_locations(cfg: Any) -> None:
+    """Refuse a data folder or tokenizer folder that does not exist (file-system checks only: fast), and write the
+    local folders found (also through the environment variables) into ``cfg`` as absolute paths: a run's
+    params.yaml then says where its data came from, and its notebooks, which run in notebooks/, find them."""
+    data = data_folder(cfg)
+    tok = tokenizer_folder(cfg.tokenizer)
+    if data is not None:
+        cfg.data_dir = str(data.resolve())
+    if tok is not None:
+        cfg.tokenizer = str(tok.resolve())

@@ -84,8 +84,8 @@ def load_raw(cfg: Config):
         if offline:
             raise DataError(
                 f"Dataset '{cfg.dataset}' cannot be loaded: the Hugging Face hub is unreachable (offline) and it is "
-                f"not in the local cache. Point data_dir at local files (e.g. -p data_dir ../shared/data/imdb), or "
-                f"set HYBRIDLIB_DATA_DIR to a folder holding {cfg.dataset}/train.parquet and test.parquet."
+                f"not in the local cache. Point data_dir at a folder of local files (-p data_dir DIR, DIR holding "
+                f"train.parquet and test.parquet), or set HYBRIDLIB_DATA_DIR to a folder holding {cfg.dataset}/."
             ) from None
         raise DataError(f"Could not load dataset '{cfg.dataset}' from the hub: {e}") from None
     missing = [s for s in splits.values() if s not in raw]

@@ -22,7 +22,7 @@ from hybridlib.files import (
     refused_as_run_error,
     write_text,
 )
-from hybridlib.locations import project_root
+from hybridlib.locations import pin_locations, project_root
 
 LOG_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
@@ -57,6 +57,7 @@ def create_run_dir(path: Path) -> Path:
 def start_run(cfg: Config) -> Path:
     """The run folder for training: ``cfg.run_dir``, or a new outputs/<dataset>-<timestamp>. Writes params.yaml
     (if absent) and sets ``cfg.run_dir``."""
+    pin_locations(cfg)
     run = Path(cfg.run_dir) if cfg.run_dir else create_run_dir(outputs_root() / default_run_name(cfg, outputs_root()))
     run.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run.resolve())

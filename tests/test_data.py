@@ -16,8 +16,9 @@ from hybridlib.batching import Collator, LengthBucketSampler, make_loader
 from hybridlib.config import load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import DataError
-from hybridlib.locations import data_folder
+from hybridlib.locations import data_folder, tokenizer_folder
 from hybridlib.rawdata import load_raw, natural_key
+from hybridlib.runs import start_run
 from hybridlib.runtime import Dist
 from hybridlib.tokens import load_tokenizer, tokenizer_fingerprint
 
@@ -533,6 +534,27 @@ def test_hybridlib_data_dir_env(tmp_path, monkeypatch, tiny_data_dir):
     assert data_folder(cfg) == tmp_path / "tiny"
     raw = load_raw(cfg)
     assert len(raw["train"]) == 240 and len(raw["test"]) == 80
+
+
+def test_env_folders_are_pinned_into_the_runs_params(tmp_path, monkeypatch, tiny_data_dir, tiny_tokenizer_dir):
+    """Folders found through relative $HYBRIDLIB_DATA_DIR / $HYBRIDLIB_TOKENIZERS_DIR are written into the Config as
+    absolute paths: the notebooks (which run in notebooks/) find them, and params.yaml says where the data was."""
+    import shutil
+
+    shutil.copytree(tiny_data_dir, tmp_path / "data" / "tiny")
+    shutil.copytree(tiny_tokenizer_dir, tmp_path / "tokenizers" / "tok")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYBRIDLIB_DATA_DIR", "data")
+    monkeypatch.setenv("HYBRIDLIB_TOKENIZERS_DIR", "tokenizers")
+    cfg = load_config(overrides={"dataset": "tiny", "tokenizer": "tok", "run_dir": str(tmp_path / "run")})
+    assert cfg.data_dir is None and cfg.tokenizer == "tok"
+    start_run(cfg)
+    saved = load_config(tmp_path / "run" / "params.yaml")
+    assert saved.data_dir == str(tmp_path / "data" / "tiny") and saved.tokenizer == str(tmp_path / "tokenizers" / "tok")
+    monkeypatch.chdir(tmp_path / "run")  # elsewhere, without the variables: the run's params still find both
+    monkeypatch.delenv("HYBRIDLIB_DATA_DIR")
+    monkeypatch.delenv("HYBRIDLIB_TOKENIZERS_DIR")
+    assert data_folder(saved) == tmp_path / "data" / "tiny" and tokenizer_folder(saved.tokenizer) is not None
 
 
 # ----------------------------------------------------------------------------- batching
