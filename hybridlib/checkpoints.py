@@ -82,19 +82,20 @@ def checkpoint_config(ckpt: dict[str, Any]) -> Config:
     return load_config(base=ckpt["config"])
 
 
-def check_compatible(ckpt: dict[str, Any], vocab_size: int | None = None, num_classes: int | None = None) -> None:
-    """Refuse a checkpoint whose vocabulary size or label count differs from what is in use."""
+def check_compatible(ckpt: dict[str, Any], vocab_size: int | None = None, label_names: list[str] | None = None) -> None:
+    """Refuse a checkpoint whose vocabulary size or classes differ from what is in use."""
     want_vocab = ckpt["tokenizer"]["vocab_size"]
     if vocab_size is not None and vocab_size != want_vocab:
         raise CheckpointError(
             f"The checkpoint was trained with a vocabulary of {want_vocab} tokens, but the tokenizer in use has "
             f"{vocab_size}. Use the tokenizer it was trained with ({ckpt['tokenizer']['name']})."
         )
-    have = len(ckpt["label_names"])
-    if num_classes is not None and num_classes != have:
+    have = list(ckpt["label_names"])
+    if label_names is not None and list(label_names) != have:
         raise CheckpointError(
-            f"The checkpoint predicts {have} classes ({ckpt['label_names']}), but the data/params in use have "
-            f"{num_classes}. Evaluate it on the dataset it was trained for, or set label_names to match."
+            f"The checkpoint predicts {len(have)} classes {have}, but the data in use has {len(label_names)}: "
+            f"{list(label_names)}. Evaluate it on the dataset it was trained for, or, if the data's label ids mean "
+            f"the checkpoint's classes, set label_names to {have}."
         )
 
 
@@ -107,8 +108,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cp
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", vocab_size: int | None = None,
-               num_classes: int | None = None) -> tuple[HybridClassifier, dict[str, Any]]:
+               label_names: list[str] | None = None) -> tuple[HybridClassifier, dict[str, Any]]:
     """(model in eval mode on ``device``, checkpoint dict); refuses mismatched vocab/classes."""
     ckpt = load_checkpoint(path, map_location="cpu")
-    check_compatible(ckpt, vocab_size, num_classes)
+    check_compatible(ckpt, vocab_size, label_names)
     return model_from_checkpoint(ckpt, device), ckpt

@@ -30,13 +30,14 @@ from hybridlib.checkpoints import (
     load_model,
     model_from_checkpoint,
 )
-from hybridlib.config import Config, load_config, validate
+from hybridlib.config import FIELDS, Config, load_config, read_params_file, validate
 from hybridlib.data import Data, prepare_data
 from hybridlib.errors import ConfigError
 from hybridlib.files import (
     METRICS_FILE,
     MODEL_FILE,
     NBLR_FILE,
+    PARAMS_FILE,
     REPORT_FILE,
     TOKENIZER_DIR,
     TRAIN_INFO_FILE,
@@ -50,6 +51,9 @@ from hybridlib.runs import read_history
 from hybridlib.runtime import progress_bar, resolve_device, resolve_precision
 from hybridlib.threads import CPUThreads
 from hybridlib.tokens import load_tokenizer
+
+# the data fields that describe a dataset (not how it is tokenized): evaluating on another dataset drops the run's
+DATASET_FIELDS = ("data_dir", "train_split", "test_split", "text_column", "label_column", "encoding", "label_names")
 
 
 def evaluate_split(model, ds, cfg: Config, pad_id: int, progress: bool = True,
@@ -129,7 +133,7 @@ def evaluate_run(cfg: Config, run_dir: str | Path, data: Data, device: torch.dev
 def _evaluate_run(cfg: Config, run_dir: Path, data: Data, device: torch.device | None, progress: bool) -> dict[str, Any]:
     device = device or resolve_device(cfg.device)
     threads = CPUThreads(cfg.num_threads, device)
-    model, ckpt = load_model(run_dir / MODEL_FILE, device, vocab_size=data.vocab_size, num_classes=len(data.label_names))
+    model, ckpt = load_model(run_dir / MODEL_FILE, device, vocab_size=data.vocab_size, label_names=data.label_names)
     amp = resolve_precision(cfg.precision, device)
     test = evaluate_split(model, data.splits["test"], cfg, data.pad_id, progress, threads)
     m = compute_metrics(test["labels"], test["preds"], data.label_names)
@@ -177,9 +181,12 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: dict[s
     path = Path(path)
     ckpt = load_checkpoint(path)
     values = checkpoint_config(ckpt).group("data", "model")
+    if (path.parent / PARAMS_FILE).is_file():  # the run's seed: its validation split and sample caps depend on it
+        values["seed"] = read_params_file(path.parent / PARAMS_FILE).get("seed", FIELDS["seed"].default)
     overrides = validate(overrides or {}, source="-p")
-    if overrides.get("dataset", values["dataset"]) != values["dataset"] and "data_dir" not in overrides:
-        values["data_dir"] = None  # another dataset: don't read the training data's folder
+    if overrides.get("dataset", values["dataset"]) != values["dataset"]:
+        for key in DATASET_FIELDS:  # another dataset: not the training data's folder, columns or class names
+            values.pop(key)
     cfg = load_config(overrides=overrides, base=values)
     device = resolve_device(cfg.device)
     threads = CPUThreads(cfg.num_threads, device)
@@ -187,11 +194,13 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: dict[s
     tok = load_tokenizer(str(local_tok) if local_tok.is_dir() and "tokenizer" not in overrides else cfg.tokenizer)
     check_compatible(ckpt, vocab_size=len(tok))  # before tokenizing a whole dataset with the wrong tokenizer
     data = prepare_data(cfg, tok)
-    check_compatible(ckpt, num_classes=len(data.label_names))
+    check_compatible(ckpt, label_names=data.label_names)
     model = model_from_checkpoint(ckpt, device)
     res = evaluate_split(model, data.splits[split], cfg, data.pad_id, progress, threads)
     m = compute_metrics(res["labels"], res["preds"], data.label_names)
-    m.update(split=split, dataset=cfg.dataset, num_examples=int(len(res["labels"])), checkpoint=str(path))
+    cap = "max_train_samples" if split == "train" else "max_eval_samples"
+    m.update(split=split, dataset=cfg.dataset, num_examples=int(len(res["labels"])), checkpoint=str(path),
+             sample_cap={cap: getattr(cfg, cap)} if getattr(cfg, cap) else None)
     return {"metrics": m, "report": report_text(res["labels"], res["preds"], data.label_names)}
 
 

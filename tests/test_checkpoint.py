@@ -116,7 +116,7 @@ def test_rebuilt_model_gives_identical_logits(trained_run, tiny_tokenizer):
     cfg, run_dir, result = trained_run
     ckpt = load_checkpoint(run_dir / "model.pt")
     a = model_from_checkpoint(ckpt)
-    b, _ = load_model(run_dir / "model.pt", vocab_size=ckpt["tokenizer"]["vocab_size"], num_classes=3)
+    b, _ = load_model(run_dir / "model.pt", vocab_size=ckpt["tokenizer"]["vocab_size"], label_names=ckpt["label_names"])
     assert not a.training and not b.training
     ids, mask = sample_batch(ckpt["tokenizer"]["vocab_size"], ckpt["tokenizer"]["pad_id"])
     with torch.no_grad():
@@ -157,20 +157,24 @@ def test_model_checkpoint_of_an_untrained_model(tiny_cfg, tiny_tokenizer, tmp_pa
 def test_check_compatible(trained_run):
     _, run_dir, _ = trained_run
     ckpt = load_checkpoint(run_dir / "model.pt")
-    vocab = ckpt["tokenizer"]["vocab_size"]
-    check_compatible(ckpt, vocab_size=vocab, num_classes=3)  # matching: no error
+    vocab, names = ckpt["tokenizer"]["vocab_size"], ckpt["label_names"]
+    check_compatible(ckpt, vocab_size=vocab, label_names=list(names))  # matching: no error
     check_compatible(ckpt)
 
     with pytest.raises(CheckpointError) as e:
-        check_compatible(ckpt, vocab_size=vocab + 1, num_classes=3)
+        check_compatible(ckpt, vocab_size=vocab + 1, label_names=list(names))
     assert str(vocab) in str(e.value) and str(vocab + 1) in str(e.value)
     assert "vocabulary" in str(e.value)
 
     with pytest.raises(CheckpointError) as e:
-        check_compatible(ckpt, vocab_size=vocab, num_classes=2)
+        check_compatible(ckpt, vocab_size=vocab, label_names=["neg", "pos"])
     msg = str(e.value)
-    assert "3 classes" in msg and "2" in msg
+    assert "3 classes" in msg and "has 2" in msg and "neg" in msg
     assert "sports" in msg
+
+    # as many classes, other names: refused too (the ids would be read as the checkpoint's classes)
+    with pytest.raises(CheckpointError, match="set label_names to"):
+        check_compatible(ckpt, label_names=[n.upper() for n in names])
 
 
 # ----------------------------------------------------------------------------- missing / foreign files

@@ -33,7 +33,7 @@ from hybridlib import training, trainstate
 from hybridlib.batching import make_loader
 from hybridlib.checkpoints import load_checkpoint
 from hybridlib.cli import main
-from hybridlib.config import load_config
+from hybridlib.config import Config, load_config
 from hybridlib.data import prepare_data
 from hybridlib.errors import CheckpointError, ConfigError, DataError, HybridlibError, RunError
 from hybridlib.pipeline import prepare_run
@@ -621,6 +621,25 @@ def test_mismatching_tokenizer_or_labels_are_refused(reference, tmp_path, capsys
     with pytest.raises(CheckpointError) as e:
         evaluate_checkpoint(path, overrides={"data_dir": str(two), "label_names": None}, progress=False)
     assert "3 classes" in str(e.value) and "2" in str(e.value) and "label_names" in str(e.value)
+    # another dataset: the run's class names are not carried over to it, so its 2 classes are refused too
+    with pytest.raises(CheckpointError, match="3 classes"):
+        evaluate_checkpoint(path, overrides={"dataset": "two_classes", "data_dir": str(two)}, progress=False)
+
+
+def test_evaluate_checkpoint_scores_the_runs_own_split(reference, monkeypatch, capsys):
+    """model.pt holds no seed; `hybridlib evaluate` takes it from the run's params.yaml, so --split validation is
+    the validation split the run held out (another seed's would hold texts the model trained on)."""
+    from hybridlib import evaluation
+
+    seen = []
+    monkeypatch.setattr(evaluation, "prepare_data", lambda cfg, tok: seen.append(cfg) or prepare_data(cfg, tok))
+    assert reference["cfg"].seed != Config().seed
+    m = evaluation.evaluate_checkpoint(reference["dir"] / "model.pt", "validation", progress=False)["metrics"]
+    assert seen[0].seed == reference["cfg"].seed
+    assert m["accuracy"] == pytest.approx(reference["result"].best_val_accuracy)
+    # the run folder itself is taken too, and a sample says so
+    assert main(["evaluate", "--checkpoint", str(reference["dir"]), "-p", "max_eval_samples", "10"]) == 0
+    assert "(10 texts; a sample: max_eval_samples 10, -p max_eval_samples null for all)" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- item 9: NaN / inf loss
