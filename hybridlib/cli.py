@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from hybridlib.config import Config, describe, load_config, parse_cli_value, validate
 from hybridlib.errors import HybridlibError
+from hybridlib.files import METRICS_FILE, MODEL_FILE, read_json
 from hybridlib.locations import pin_locations
 
 # Each command imports the modules it runs when it starts, so that --help, `hybridlib params` and a refused
@@ -55,8 +57,6 @@ def cmd_run(a: argparse.Namespace) -> int:
         from hybridlib import pipeline
 
         run_dir = pipeline.run(cfg, a.run_name, a.outputs, a.notebooks)
-    from hybridlib.files import METRICS_FILE, read_json
-
     metrics = Path(run_dir) / METRICS_FILE
     print(f"Run finished: {run_dir}")
     if metrics.is_file():
@@ -65,9 +65,12 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def _summary(m: dict[str, Any]) -> str:
-    """A finished run's headline figures, from its metrics.json."""
+    """A finished run's headline figures, from its metrics.json: the model's, then its baseline's and ensemble's."""
+    others = [f"{name} {v['test_accuracy']:.4f}" for group in ("baselines", "ensembles")
+              for name, v in m.get(group, {}).items()]
     return (f"test_accuracy {m['test_accuracy']:.4f}  test_macro_f1 {m['test_macro_f1']:.4f}  "
-            f"best_val_accuracy {m['best_val_accuracy']:.4f} (epoch {m['best_epoch']})")
+            f"best_val_accuracy {m['best_val_accuracy']:.4f} (epoch {m['best_epoch']})"
+            + (f"\ntest_accuracy of the baseline and ensemble: {', '.join(others)}" if others else ""))
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -85,15 +88,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     over = _overrides(a.parameter)
     if a.dataset:
         over["dataset"] = a.dataset
-    _existing(a.checkpoint, "the model.pt of a finished run (outputs/RUN/model.pt)")
+    _existing(a.checkpoint, "a finished run's folder or its model.pt (outputs/RUN/model.pt)")
     from hybridlib.evaluation import evaluate_checkpoint
 
-    out = evaluate_checkpoint(a.checkpoint, a.split, over, progress=not a.json)
+    path = Path(a.checkpoint) / MODEL_FILE if Path(a.checkpoint).is_dir() else Path(a.checkpoint)
+    out = evaluate_checkpoint(path, a.split, over, progress=not a.json)
     if a.json:
         print(json.dumps(out["metrics"], indent=2))
     else:
         m = out["metrics"]
-        print(f"{a.split}: accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  ({m['num_examples']} texts)")
+        cap = "".join(f"; a sample: {k} {v}, -p {k} null for all" for k, v in (m["sample_cap"] or {}).items())
+        print(f"{a.split}: accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  ({m['num_examples']} texts{cap})")
         print(out["report"])
     return 0
 
@@ -194,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="Evaluate a checkpoint on a dataset split.")
-    p.add_argument("--checkpoint", required=True, help="A run's model.pt.")
+    p.add_argument("--checkpoint", required=True, help="A run's model.pt (or the run folder).")
     p.add_argument("--dataset", help="Dataset to evaluate on (default: the checkpoint's).")
     p.add_argument("--split", default="test", help="test (default), validation or train.")
     p.add_argument("--json", action="store_true", help="Print the metrics as JSON.")
@@ -235,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # pipeline.Interrupted says where the run stands and how to resume it
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader closed our output (`| head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141
 
 
 if __name__ == "__main__":

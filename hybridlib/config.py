@@ -376,11 +376,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 def describe() -> str:
     """All parameters by group: name, type, default and help (for `hybridlib params`)."""
     lines = []
+    width = max(map(len, FIELDS)), max(len(_type_name(tp)) for tp in _HINTS.values())
     for group in GROUPS:
         lines.append(f"[{group}]")
         for name in fields_of(group):
             f = FIELDS[name]
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  {name:22s} {_type_name(_HINTS[name]):30s} default {default!r}")
+            lines.append(f"  {name:{width[0]}s} {_type_name(_HINTS[name]):{width[1]}s} default {default!r}")
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ tested in test_config.py, test_data.py and test_reliability.py.
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -70,6 +71,7 @@ def test_hybridlib_run_end_to_end(tiny_params, tiny_tokenizer_dir, tmp_path, cap
     assert res.returncode == 0, res.stderr[-3000:]
     run = out / "e2e"
     assert f"Run finished: {run}" in res.stdout and "test_accuracy" in res.stdout
+    assert re.search(r"baseline and ensemble: nblr [01]\.\d{4}, model\+nblr [01]\.\d{4}", res.stdout), res.stdout
 
     for name in NOTEBOOKS:
         nb = nbformat.read(run / name, as_version=4)
@@ -195,3 +197,15 @@ def test_help_and_refusals_load_no_heavy_library(args):
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`hybridlib ... | head`: when the reader has gone, the command stops with 141 (as after SIGPIPE), no traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        res = subprocess.run([sys.executable, "-m", "hybridlib", "params"], stdout=write, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    finally:
+        os.close(write)
+    assert res.returncode == 141 and res.stderr == "", res.stderr
