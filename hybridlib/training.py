@@ -22,7 +22,7 @@ from hybridlib.data import Data, prepare_data
 from hybridlib.distributed import check_world, launch, process_group
 from hybridlib.embeddings import initialise_embedding
 from hybridlib.errors import RunError
-from hybridlib.files import MODEL_FILE, TOKENIZER_DIR, disk_full_errors
+from hybridlib.files import MODEL_FILE, TOKENIZER_DIR, TRAIN_INFO_FILE, disk_full_errors
 from hybridlib.model import HybridClassifier, build_model, count_parameters
 from hybridlib.runlock import run_lock
 from hybridlib.runs import check_run_dir
@@ -62,6 +62,7 @@ def train(cfg: Config, run_dir: str | Path, data: Data | None = None, progress: 
 def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: Dist) -> TrainResult:
     loop, data = start(cfg, run_dir, data, dist)
     state = loop.state
+    resumed_at = state.epoch
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.stopped_early(cfg.patience):
             break
@@ -82,8 +83,8 @@ def _train(cfg: Config, run_dir: Path, data: Data | None, progress: bool, dist: 
             if progress:
                 print(epoch_line(row, improved))
 
-    if dist.is_main:
-        write_train_info(loop, dist)
+    if dist.is_main and (state.epoch > resumed_at or not (run_dir / TRAIN_INFO_FILE).is_file()):
+        write_train_info(loop, dist)  # a resume that trained nothing keeps the record of the process that did
     return TrainResult(history=state.history, best_epoch=state.best_epoch, best_val_accuracy=state.best_metric,
                        train_seconds=sum(r["seconds"] for r in state.history),
                        num_parameters=count_parameters(loop.model), stopped_early=state.stopped_early(cfg.patience))

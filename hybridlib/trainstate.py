@@ -9,13 +9,21 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from hybridlib.checkpoints import checkpoint_size, load_checkpoint, model_checkpoint, save_checkpoint
-from hybridlib.config import Config
+from hybridlib.checkpoints import (
+    checkpoint_config,
+    checkpoint_size,
+    load_checkpoint,
+    model_checkpoint,
+    save_checkpoint,
+)
+from hybridlib.config import FIELDS, Config
 from hybridlib.data import Data
+from hybridlib.errors import RunError
 from hybridlib.files import (
     LAST_FILE,
     LOG_FILE,
     MODEL_FILE,
+    PARAMS_FILE,
     TRAIN_INFO_FILE,
     check_free_space,
     remove_stale_temp_files,
@@ -94,6 +102,12 @@ def save_epoch(loop: Loop, kept: HybridClassifier, data: Data, improved: bool, r
 def resume_state(loop: Loop, dist: Dist) -> TrainState:
     """Load the run's last.pt into the loop (model, weight average, optimizer, ...) and the RNGs; its TrainState."""
     saved = load_checkpoint(loop.run_dir / LAST_FILE, map_location=loop.device)
+    was = checkpoint_config(saved).group("data", "model")
+    changed = [f"{k} {v!r} ({LAST_FILE}: {was[k]!r})" for k, v in loop.cfg.group("data", "model").items()
+               if v != was[k] and not FIELDS[k].metadata.get("location")]
+    if changed:
+        raise RunError(f"{loop.run_dir / PARAMS_FILE} no longer matches what {LAST_FILE} was trained with: "
+                       f"{', '.join(changed)}. Put those values back to resume this run, or start a new run with them.")
     loop.model.load_state_dict(saved["model"])
     if loop.averaged is not None and saved.get("averaged"):  # absent in last.pt files of runs without swa_start
         loop.averaged.load_state_dict(saved["averaged"])

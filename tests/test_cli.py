@@ -10,8 +10,8 @@ tested in test_config.py, test_data.py and test_reliability.py.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import socket
 import subprocess
 import sys

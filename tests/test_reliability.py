@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from hybridlib import training, trainstate
 from hybridlib.batching import make_loader
@@ -386,6 +388,32 @@ def test_resume_rewrites_a_log_that_missed_the_last_epoch(reference, tmp_path):
     assert len(result.history) == EPOCHS
     assert log_rows(run_dir) == log_rows(reference["dir"])
     assert sha256(run_dir / "model.pt") == sha256(reference["dir"] / "model.pt")  # nothing retrained
+
+
+def test_a_resume_that_trains_nothing_keeps_the_training_record(reference, tmp_path):
+    """train_info.json (peak memory, threads, processes of the training) is the record of the process that trained:
+    resuming a finished run trains nothing and leaves it as it was."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["dir"], run_dir)
+    info = {**json.loads((run_dir / "train_info.json").read_text()), "peak_rss_mb": 123456.0, "num_threads": 99}
+    (run_dir / "train_info.json").write_text(json.dumps(info))
+    cfg = load_config(run_dir / "params.yaml", {"resume": True, "run_dir": str(run_dir)})
+    training.train(cfg, run_dir, reference["data"], progress=False)
+    assert json.loads((run_dir / "train_info.json").read_text()) == info
+
+
+def test_resume_refuses_params_edited_since_last_pt(reference, tmp_path):
+    """A run's params.yaml edited after its last.pt (here a wider embedding): refused by name, not a state-dict error."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["dir"], run_dir)
+    params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    (run_dir / "params.yaml").write_text(yaml.safe_dump({**params, "embed_dim": params["embed_dim"] + 8}))
+    cfg = load_config(run_dir / "params.yaml", {"resume": True, "run_dir": str(run_dir)})
+    with pytest.raises(RunError) as e:
+        training.train(cfg, run_dir, reference["data"], progress=False)
+    assert f"embed_dim {params['embed_dim'] + 8} (last.pt: {params['embed_dim']})" in str(e.value)
+    assert "Put those values back" in str(e.value)
+    assert sha256(run_dir / "last.pt") == sha256(reference["dir"] / "last.pt")
 
 
 # ----------------------------------------------------------------------------- item 5: determinism
