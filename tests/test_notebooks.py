@@ -140,7 +140,7 @@ def test_a_variable_named_like_a_field_is_a_parameter_with_a_clear_error(monkeyp
 
 
 def test_notebook_run_named_or_newest(tmp_path_factory, outputs, capsys):
-    from hybridlib.errors import RunError
+    from hybridlib.errors import ConfigError, RunError
     from hybridlib.notebook import notebook_run
 
     source = tiny_run(tmp_path_factory)
@@ -157,6 +157,13 @@ def test_notebook_run_named_or_newest(tmp_path_factory, outputs, capsys):
     assert f"using the newest finished run, {newer.resolve()}" in capsys.readouterr().out
     with pytest.raises(RunError, match="there is no folder"):
         notebook_run({"run_dir": str(outputs / "nope")})
+    # the run's data, model and training are its own: changing one here would score it as another run
+    saved = yaml.safe_load((older / "params.yaml").read_text())
+    for key, value in (("max_length", 4), ("label_names", ["a", "b", "c"]), ("embed_dim", 7), ("seed", 99)):
+        with pytest.raises(ConfigError, match=f"'{key}' is .* but .* in the run's params.yaml"):
+            notebook_run({"run_dir": str(older), key: value})
+    cfg, _ = notebook_run({"run_dir": str(older), "max_length": saved["max_length"]})  # the same value: fine
+    assert cfg.max_length == saved["max_length"]
 
 
 # ----------------------------------------------------------------------------- one kernel, as a user drives it
