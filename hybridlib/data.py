@@ -16,6 +16,7 @@ from hybridlib.errors import DataError
 from hybridlib.hub import hub_reachable
 from hybridlib.locations import data_folder, pin_locations
 from hybridlib.rawdata import encode_labels, load_raw
+from hybridlib.runtime import resolve_device, resolve_precision
 from hybridlib.tokens import encode_texts, load_tokenizer, tokenizer_fingerprint
 
 
@@ -68,6 +69,7 @@ def split_train_val(dsd, cfg: Config):
 def preflight(cfg: Config) -> None:
     """Fail before a run starts if its data or tokenizer cannot be found or loaded (local folders: pinned in ``cfg``)."""
     pin_locations(cfg)
+    resolve_precision(cfg.precision, resolve_device(cfg.device))  # a device or precision this machine lacks
     load_tokenizer(cfg.tokenizer)
     if data_folder(cfg) is None and not hub_reachable():
         load_raw(cfg)  # offline: succeeds only from the local datasets cache, else a clear DataError

@@ -12,7 +12,6 @@ information matrix (:func:`ppmi_vectors`), before training starts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -21,13 +20,12 @@ from safetensors.torch import load_file
 from sklearn.utils.extmath import randomized_svd
 
 from hybridlib.errors import ConfigError
+from hybridlib.locations import embeddings_file
 
 
 def read_vectors(source: str) -> torch.Tensor:
     """The matrix in the file ``source``, as float32 (vocab x dim)."""
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"pretrained_embeddings: {source!r} is neither 'ppmi' nor an existing file.")
+    path = embeddings_file(source)
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path)).float()
     if path.suffix == ".safetensors":

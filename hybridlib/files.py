@@ -70,7 +70,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None], size: int | Non
 # what the file system says when it refuses a path (not a full disk: that has its own message)
 _REFUSALS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
              errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
-             errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder"}
+             errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder",
+             errno.ENOENT: "a folder on the path does not exist and cannot be made there"}
 
 
 @contextmanager

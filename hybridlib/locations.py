@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hybridlib.errors import DataError
+from hybridlib.errors import ConfigError, DataError
 
 # parameters that hold paths (relative ones are taken from the project root or the cwd: hybridlib.config.load_config)
 PATH_FIELDS = ("data_dir", "pretrained_embeddings", "run_dir")
@@ -71,12 +71,23 @@ def tokenizer_folder(name: str) -> Path | None:
     return local if local.exists() else None
 
 
+def embeddings_file(source: str) -> Path:
+    """The file of word vectors ``pretrained_embeddings`` names (not a named source such as 'ppmi')."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"pretrained_embeddings: {source!r} is neither 'ppmi' nor an existing file. Point it at a "
+                          f".pt/.npy/.safetensors matrix (vocab x dim), or use 'ppmi'.")
+    return path
+
+
 def pin_locations(cfg: Any) -> None:
     """Refuse a data folder or tokenizer folder that does not exist (file-system checks only: fast), and write the
     local folders found (also through the environment variables) into ``cfg`` as absolute paths: a run's
     params.yaml then says where its data came from, and its notebooks, which run in notebooks/, find them."""
     data = data_folder(cfg)
     tok = tokenizer_folder(cfg.tokenizer)
+    if cfg.pretrained_embeddings and cfg.pretrained_embeddings not in NAMED_EMBEDDINGS:
+        embeddings_file(cfg.pretrained_embeddings)
     if data is not None:
         cfg.data_dir = str(data.resolve())
     if tok is not None:

@@ -53,6 +53,10 @@ NOTEBOOKS = [
 def prepare_run(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None) -> tuple[Config, Path]:
     """Check that the data and tokenizer of ``cfg`` (from :func:`hybridlib.config.load_config`) can be found,
     create the run folder and write its resolved params.yaml (nothing else)."""
+    if cfg.resume:
+        raise RunError("resume is for a run that exists: `hybridlib run --resume outputs/RUN` (no params file).")
+    if run_name is not None and (Path(run_name).name != run_name or run_name in (".", "..")):
+        raise RunError(f"--run-name {run_name!r} is a path; give a folder name (runs go under --outputs DIR).")
     preflight(cfg)  # a missing dataset/tokenizer fails here, before a run folder exists
     root = Path(outputs) if outputs else outputs_root()
     run_dir = Path(cfg.run_dir) if cfg.run_dir else root / (run_name or default_run_name(cfg, root))
@@ -75,20 +79,17 @@ def execute(run_dir: Path, notebooks_dir: Path | None = None, extra: dict[str, A
     """Run each notebook with ``params_file=<run>/params.yaml``, saving the executed copy in the run. With
     ``progress``, what the cells print (the epoch lines, text progress bars) is streamed to this terminal.
     Ctrl-C: the kernel is interrupted and shut down, then :class:`Interrupted` is raised."""
-    nb_dir = notebooks_dir or project_root() / "notebooks"
+    sources = notebook_paths(notebooks_dir)
     _write_notebooks_atomically(run_dir)
     with _CtrlC() as ctrl_c, child_env({PROGRESS_ENV: "text"} if progress else {}):
-        for i, name in enumerate(NOTEBOOKS, 1):
-            src = nb_dir / name
-            if not src.is_file():
-                raise RunError(f"Notebook {src} not found; run from the project folder or pass --notebooks DIR.")
+        for i, (name, src) in enumerate(zip(NOTEBOOKS, sources), 1):
             print(f"[hybridlib] {i}/{len(NOTEBOOKS)} {name} -> {run_dir / name}", file=sys.stderr, flush=True)
             try:
                 pm.execute_notebook(
                     str(src),
                     str(run_dir / name),
                     parameters={"params_file": str(run_dir / PARAMS_FILE), "run_dir": str(run_dir), **(extra or {})},
-                    cwd=str(nb_dir),
+                    cwd=str(src.parent),
                     progress_bar=False,
                     stdout_file=sys.stdout if progress else None,
                     stderr_file=sys.stderr if progress else None,
@@ -106,6 +107,15 @@ def execute(run_dir: Path, notebooks_dir: Path | None = None, extra: dict[str, A
                 raise
             finally:
                 _KernelManager.latest = None
+
+
+def notebook_paths(notebooks_dir: Path | None = None) -> list[Path]:
+    """The numbered notebooks a run executes (from ``notebooks_dir``, default the project's); refuses missing ones."""
+    nb_dir = Path(notebooks_dir or project_root() / "notebooks")
+    missing = [name for name in NOTEBOOKS if not (nb_dir / name).is_file()]
+    if missing:
+        raise RunError(f"{nb_dir} lacks the notebooks {missing}; run from the project folder or pass --notebooks DIR.")
+    return [nb_dir / name for name in NOTEBOOKS]
 
 
 def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunError:
@@ -238,6 +248,7 @@ def _write_notebooks_atomically(run_dir: Path) -> None:
 def run(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None, notebooks_dir: Path | None = None,
         progress: bool = True) -> Path:
     """Create ``outputs/<run_name>/`` for ``cfg`` and execute the notebooks into it."""
+    notebook_paths(notebooks_dir)  # before the run folder exists
     cfg, run_dir = prepare_run(cfg, run_name, outputs)
     with run_lock(run_dir):
         execute(run_dir, notebooks_dir=notebooks_dir, progress=progress)

@@ -116,8 +116,12 @@ def test_hybridlib_run_end_to_end(tiny_params, tiny_tokenizer_dir, tmp_path, cap
         (["{params}", "-p", "epoch", "3"], ["Did you mean 'epochs'?"]),
         (["{params}", "-p", "lr", "fast"], ["'lr'", "fast"]),
         (["{params}", "-p", "ema_decay", "0.9"], ["'ema_decay'", "hybridlib 0.1.0"]),
+        (["{params}", "-p", "resume", "true"], ["resume is for a run that exists", "--resume"]),
+        (["{params}", "-p", "pretrained_embeddings", "{missing}"], ["pretrained_embeddings", "nope.yaml", "'ppmi'"]),
+        (["{params}", "--notebooks", "{missing}"], ["nope.yaml lacks the notebooks", "01_data_exploration.ipynb"]),
     ],
-    ids=["bad_file", "missing_file", "negative_epochs", "unknown_key", "lr_not_a_number", "retired_option"],
+    ids=["bad_file", "missing_file", "negative_epochs", "unknown_key", "lr_not_a_number", "retired_option",
+         "resume_a_new_run", "missing_embeddings_file", "missing_notebooks"],
 )
 def test_run_with_bad_params_creates_nothing(tmp_path, tiny_params, capsys, args, needles):
     bad = tmp_path / "bad.yaml"
@@ -128,6 +132,22 @@ def test_run_with_bad_params_creates_nothing(tmp_path, tiny_params, capsys, args
     assert res.returncode == 2
     assert_clean_error(res, *needles)
     assert not out.exists(), "a bad parameter created a run folder"
+
+
+def test_a_run_name_or_device_that_cannot_be_is_refused_before_a_folder_exists(tmp_path, tiny_params, capsys):
+    import torch
+
+    out = tmp_path / "outputs"
+    for name in ("../escaped", "a/b", ".."):
+        res = cli_here(capsys, "run", tiny_params, "--outputs", out, "--run-name", name)
+        assert res.returncode == 2
+        assert_clean_error(res, f"--run-name {name!r} is a path", "--outputs DIR")
+    if not torch.cuda.is_available():
+        for args in (["-p", "device", "cuda"], ["-p", "precision", "fp16"]):
+            res = cli_here(capsys, "run", tiny_params, "--outputs", out, "--run-name", "x", *args)
+            assert res.returncode == 2
+            assert_clean_error(res, "CUDA")
+    assert not out.exists() and not (tmp_path / "escaped").exists()
 
 
 def test_resume_argument_errors(tmp_path, capsys):
