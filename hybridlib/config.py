@@ -315,6 +315,20 @@ def validate(values: dict[str, Any], source: str = "") -> dict[str, Any]:
     return clean
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"'{key}' is given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML params file into a dict, with clear errors for missing files and bad YAML."""
     path = Path(path)
@@ -323,7 +337,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
             f"Params file '{path}' does not exist. Pass an existing YAML file, e.g. params/ag_news.yaml or params/imdb.yaml."
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -154,6 +154,14 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     assert "line" in msg
 
 
+def test_a_key_given_twice_is_refused_by_line(tmp_path):
+    """PyYAML keeps the last of two equal keys; a params file that says epochs twice is refused instead."""
+    path = write_yaml(tmp_path, "epochs: 1\nlr: 0.1\nepochs: 3\n", name="twice.yaml")
+    with pytest.raises(ConfigError, match=r"twice.yaml' is not valid YAML at line 3, column 1: 'epochs' is given twice"):
+        load_config(path)
+    assert read_params_file(write_yaml(tmp_path, "epochs: 1\nbranches: [cnn]\n"))["branches"] == ["cnn"]
+
+
 def test_params_file_must_be_a_mapping(tmp_path):
     path = write_yaml(tmp_path, "- epochs\n- 3\n", name="list.yaml")
     with pytest.raises(ConfigError, match="list.yaml"):
