@@ -19,12 +19,16 @@ from hybridlib.runs import read_history, read_metrics
 
 NEEDED = ("dataset", "params", "test_accuracy", "test_macro_f1", "best_val_accuracy", "train_seconds",
           "num_parameters")
+RunDirs = list[str | Path] | str | Path  # run folders, or one (as notebook 06's papermill parameter may give it)
 
 
-def load_runs(run_dirs: list[str | Path]) -> list[dict]:
-    """The runs that can be read; each one that cannot is skipped with a line saying which file and why."""
+def load_runs(run_dirs: RunDirs) -> list[dict]:
+    """The runs that can be read, each once (one folder may be given as itself); each one that cannot is skipped
+    with a line saying which file and why."""
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
     runs, skipped = [], []
-    for d in run_dirs:
+    for d in dict.fromkeys(Path(d).resolve() for d in run_dirs):
         try:
             runs.append({**read_metrics(d, NEEDED), "history": read_history(d), "run_dir": str(d)})
         except HybridlibError as e:
@@ -44,7 +48,7 @@ def experiment_key(params: dict, varying: list[str]) -> str:
     return ", ".join(parts) or "same params"
 
 
-def compare_runs(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
+def compare_runs(run_dirs: RunDirs) -> tuple[pd.DataFrame, list[dict]]:
     """(table with one row per experiment, mean ± std over its seeds; the loaded runs)."""
     runs = load_runs(run_dirs)
     # a param added after a run was made counts as its default there, a retired one at "off" as absent
@@ -103,7 +107,7 @@ def plot_val_curves(runs: list[dict], path: str | Path | None = None):
     return save_figure(fig, path)
 
 
-def write_comparison(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[pd.DataFrame, list[Path]]:
+def write_comparison(run_dirs: RunDirs, out_dir: str | Path) -> tuple[pd.DataFrame, list[Path]]:
     """Write comparison.md, comparison.csv and val_curves.png into ``out_dir``."""
     table, runs = compare_runs(run_dirs)
     out = Path(out_dir)

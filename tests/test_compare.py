@@ -44,6 +44,11 @@ def test_runs_that_differ_only_in_seed_form_one_experiment(tmp_path):
     assert table.loc["branches=cnn", "model+nblr_test_%"] == "87.00 ± 2.00"
     assert table.loc["branches=cnn+lstm", "model+nblr_test_%"] == ""  # a run made before ensembles
     assert table.loc["branches=cnn", "nblr_test_%"] == "80.00 ± 0.00"
+    # a run given twice (once by another path) counts once; one run may be given as itself (notebook 06: runs = "…")
+    table, _ = compare_runs([runs[0], runs[0].parent / ".." / runs[0].parent.name / runs[0].name, runs[1]])
+    assert list(table["seeds"]) == [2]
+    table, loaded = compare_runs(str(runs[0]))
+    assert list(table["seeds"]) == [1] and len(loaded) == 1
 
 
 def test_runs_made_before_nblr_keep_their_tf_idf_columns(tmp_path):
