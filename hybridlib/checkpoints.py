@@ -5,6 +5,7 @@ plain types, written atomically and loaded with ``weights_only=True``, so a file
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint '{path}' does not exist. Pass the model.pt of a finished run (outputs/RUN/model.pt).")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"'{path}' is not a whole PyTorch checkpoint: torch.save writes a zip archive, and this "
+                              f"file is not one (another kind of file, or one cut short). Pass the model.pt of a "
+                              f"finished run (outputs/RUN/model.pt).")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

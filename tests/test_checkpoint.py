@@ -192,8 +192,15 @@ def test_foreign_and_corrupt_files(tmp_path):
         load_checkpoint(plain)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match="junk.pt' is not a whole PyTorch checkpoint"):
         load_checkpoint(junk)
+    cut, yaml_file = tmp_path / "cut.pt", tmp_path / "params.yaml"  # neither is taken for an unsafe pickle
+    cut.write_bytes(plain.read_bytes()[:300])
+    yaml_file.write_text("epochs: 1\n")
+    for path in (cut, yaml_file):
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+        assert "not a whole PyTorch checkpoint" in str(e.value) and "run code" not in str(e.value)
 
 
 def test_save_checkpoint_is_atomic_and_loadable(tmp_path):
