@@ -29,6 +29,9 @@ def _split_file(folder: Path, split: str) -> Path:
             f"Split '{split}' not found in {folder}: expected {split}.parquet, {split}.csv or {split}.jsonl; "
             f"the folder holds {have or 'no data files'}. Rename the file or set train_split/test_split."
         )
+    if len(found) > 1:
+        raise DataError(f"Split '{split}' is in {len(found)} files in {folder}: {[p.name for p in found]}. Keep one "
+                        f"(move the others out of the folder).")
     return found[0]
 
 

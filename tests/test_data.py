@@ -80,6 +80,15 @@ def test_formats_give_the_same_result(tmp_path, cfg_for, tiny_tokenizer):
     assert results["parquet"] == results["csv"] == results["jsonl"]
 
 
+def test_a_split_in_two_files_is_refused(tmp_path, cfg_for):
+    """train.csv beside train.parquet: which one is meant is the user's call, not a silent pick."""
+    folder = fixtures.make_tiny_dataset(tmp_path / "both", n_train=30, n_test=10)
+    fixtures.make_tiny_dataset(tmp_path / "both", n_train=60, n_test=10, fmt="csv")
+    (folder / "test.csv").unlink()
+    with pytest.raises(DataError, match=r"Split 'train' is in 2 files .*\['train.parquet', 'train.csv'\]"):
+        load_raw(cfg_for(folder))
+
+
 def test_string_labels_sorted_names(tmp_path, cfg_for, tiny_tokenizer):
     folder = fixtures.make_tiny_dataset(tmp_path / "s", n_train=60, n_test=20, string_labels=True)
     d = prepare_data(cfg_for(folder, label_names=None), tokenizer=tiny_tokenizer)
