@@ -65,7 +65,9 @@ class Config:
     val_size: float = _f(0.1, "data", "Fraction of train held out (stratified) for validation.",
                          min=0.0, max=0.9, exclusive_min=True)
     max_train_samples: Optional[int] = _f(None, "data", "Use at most this many training texts (quick runs).", min=1)
-    max_eval_samples: Optional[int] = _f(None, "data", "Use at most this many validation and test texts (quick runs).", min=1)
+    max_eval_samples: Optional[int] = _f(
+        None, "data", "Use at most this many validation and test texts (quick runs; the same test texts for every seed).",
+        min=1)
     tokenizer: str = _f("bert-base-uncased", "data", "Hub id or local folder of a fast tokenizer (only its ids are used).",
                         location=True)
     max_length: int = _f(256, "data", "Truncate texts to this many tokens (special tokens included).", min=2)

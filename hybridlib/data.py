@@ -41,6 +41,9 @@ def tokenize(dsd, tok, cfg: Config):
     return datasets.DatasetDict(out)
 
 
+TEST_SAMPLE_SEED = 0
+
+
 def split_train_val(dsd, cfg: Config):
     """train/validation (stratified, seeded) from train; test as given; sample caps applied."""
     train, test = dsd["train"], dsd["test"]
@@ -61,8 +64,8 @@ def split_train_val(dsd, cfg: Config):
     if cfg.max_eval_samples:
         if cfg.max_eval_samples < len(val):
             val = val.select(range(cfg.max_eval_samples))
-        if cfg.max_eval_samples < len(test):
-            test = test.shuffle(seed=cfg.seed).select(range(cfg.max_eval_samples))
+        if cfg.max_eval_samples < len(test):  # one sample for every seed: runs over seeds score the same texts
+            test = test.shuffle(seed=TEST_SAMPLE_SEED).select(range(cfg.max_eval_samples))
     return datasets.DatasetDict({"train": parts["train"], "validation": val, "test": test})
 
 

@@ -3,6 +3,8 @@ splitting, batching."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import fixtures
 import numpy as np
 import pandas as pd
@@ -410,6 +412,9 @@ def test_max_eval_samples(tiny_cfg, tiny_tokenizer):
     assert len(d.splits["validation"]) == 10
     assert len(d.splits["test"]) == 10
     assert len(d.splits["train"]) == 240 - round(240 * tiny_cfg.val_size)
+    other = prepare_data(dataclasses.replace(tiny_cfg, seed=tiny_cfg.seed + 1), tokenizer=tiny_tokenizer)
+    assert other.splits["test"]["text"] == d.splits["test"]["text"]  # runs over seeds score the same test texts
+    assert other.splits["validation"]["text"] != d.splits["validation"]["text"]  # (their validation is their own)
 
 
 def test_too_small_for_validation(tiny_cfg, tiny_tokenizer):
