@@ -48,7 +48,7 @@ from hybridlib.files import (
 from hybridlib.model import count_parameters
 from hybridlib.runlock import run_lock
 from hybridlib.runs import read_history
-from hybridlib.runtime import progress_bar, resolve_device, resolve_precision
+from hybridlib.runtime import precision_name, progress_bar, resolve_device, resolve_precision
 from hybridlib.threads import CPUThreads
 from hybridlib.tokens import load_tokenizer
 
@@ -155,7 +155,7 @@ def _evaluate_run(cfg: Config, run_dir: Path, data: Data, device: torch.device |
         "num_test": len(data.splits["test"]),
         **{k: m[k] for k in ("per_class", "confusion_matrix", "label_names")},
         "device": str(device),
-        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "precision": precision_name(amp),
         "params": cfg.to_dict(),
         "versions": library_versions(),
     }

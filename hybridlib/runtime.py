@@ -81,6 +81,11 @@ LSTM_PATH_ENV = "HYBRIDLIB_LSTM_PATH"  # padded | packed: force one path (measur
 LSTM_AUTOCAST_ENV = "HYBRIDLIB_LSTM_AUTOCAST"  # 1: the LSTM runs under autocast on CUDA too (measurements)
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """How metrics.json and train_info.json name an autocast dtype: bfloat16, float16, or fp32 (none)."""
+    return str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+
+
 def lstm_autocast(device_type: str, amp_dtype: torch.dtype | None) -> bool:
     """Does the LSTM run under the model's autocast ``amp_dtype`` on ``device_type``? CPU: yes. CUDA: no, fp32
     (TF32): cuDNN's bf16 LSTM is native only from cuDNN 9.13, autocast's fp16 one re-packs its weights at every

@@ -31,7 +31,7 @@ from hybridlib.files import (
 )
 from hybridlib.model import HybridClassifier
 from hybridlib.runs import write_history
-from hybridlib.runtime import Dist, dist_info, get_rng_state, peak_rss_mb, set_rng_state
+from hybridlib.runtime import Dist, dist_info, get_rng_state, peak_rss_mb, precision_name, set_rng_state
 from hybridlib.threads import CPUThreads
 
 
@@ -139,5 +139,5 @@ def gather_rng_states() -> Any:
 def write_train_info(loop: Loop, dist: Dist) -> None:
     """How this training ran, for metrics.json (peak memory of the training process)."""
     write_json(loop.run_dir / TRAIN_INFO_FILE, {
-        "peak_rss_mb": peak_rss_mb(), "device": str(loop.device), "precision": str(loop.amp_dtype or "fp32"),
+        "peak_rss_mb": peak_rss_mb(), "device": str(loop.device), "precision": precision_name(loop.amp_dtype),
         "num_threads": loop.threads.count, "num_processes": dist.world_size})

@@ -99,6 +99,7 @@ def test_hybridlib_run_end_to_end(tiny_params, tiny_tokenizer_dir, tmp_path, cap
     assert metrics["label_names"] == ["sports", "business", "science"]
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["num_test"] == 80
     assert "nblr" in metrics["baselines"] and "model+nblr" in metrics["ensembles"]
+    assert metrics["train_precision"] == metrics["precision"] in ("fp32", "bfloat16")  # one name for one dtype
     report = (run / "classification_report.txt").read_text()
     assert all(name in report for name in metrics["label_names"]) and "accuracy" in report
     assert not list(run.glob(".*.tmp"))
