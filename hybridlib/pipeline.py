@@ -48,6 +48,7 @@ NOTEBOOKS = [
     "04_visualization.ipynb",
     "05_prediction.ipynb",
 ]
+TRAINING = NOTEBOOKS[1]
 
 
 def prepare_run(cfg: Config, run_name: str | None = None, outputs: str | Path | None = None) -> tuple[Config, Path]:
@@ -74,9 +75,9 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped a run; the message says where the run stands and how to continue it."""
 
 
-def execute(run_dir: Path, notebooks_dir: Path | None = None, extra: dict[str, Any] | None = None,
-            progress: bool = True) -> None:
-    """Run each notebook with ``params_file=<run>/params.yaml``, saving the executed copy in the run. With
+def execute(run_dir: Path, notebooks_dir: Path | None = None, resume: bool = False, progress: bool = True) -> None:
+    """Run each notebook with ``params_file=<run>/params.yaml`` (and 02_training with ``resume``, the only one
+    that declares it), saving the executed copy in the run. With
     ``progress``, what the cells print (the epoch lines, text progress bars) is streamed to this terminal.
     Ctrl-C: the kernel is interrupted and shut down, then :class:`Interrupted` is raised."""
     sources = notebook_paths(notebooks_dir)
@@ -88,7 +89,8 @@ def execute(run_dir: Path, notebooks_dir: Path | None = None, extra: dict[str, A
                 pm.execute_notebook(
                     str(src),
                     str(run_dir / name),
-                    parameters={"params_file": str(run_dir / PARAMS_FILE), "run_dir": str(run_dir), **(extra or {})},
+                    parameters={"params_file": str(run_dir / PARAMS_FILE), "run_dir": str(run_dir),
+                                **({"resume": True} if resume and name == TRAINING else {})},
                     cwd=str(src.parent),
                     progress_bar=False,
                     stdout_file=sys.stdout if progress else None,
@@ -264,7 +266,7 @@ def resume(run_dir: str | Path, notebooks_dir=None, progress=True) -> Path:
         resuming = (run_dir / LAST_FILE).is_file()
         if not resuming and (run_dir / MODEL_FILE).is_file():
             raise RunError(f"{run_dir} has a {MODEL_FILE} but no {LAST_FILE}; it cannot be resumed.")
-        execute(run_dir, notebooks_dir=notebooks_dir, extra={"resume": resuming}, progress=progress)
+        execute(run_dir, notebooks_dir=notebooks_dir, resume=resuming, progress=progress)
     return run_dir
 
 

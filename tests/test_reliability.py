@@ -362,7 +362,7 @@ def test_kill_during_a_checkpoint_write_then_resume(tmp_path, outputs, tiny_para
     assert_same_as_reference(run_dir, reference)
 
 
-def test_kill_mid_epoch_then_hybridlib_resume(tmp_path, outputs, tiny_params, reference, monkeypatch):
+def test_kill_mid_epoch_then_hybridlib_resume(tmp_path, outputs, tiny_params, reference, monkeypatch, caplog):
     """SIGKILL in the middle of epoch 2, then the pipeline's resume (`hybridlib run --resume RUN`): it reruns
     02_training with resume=True and ends with the same log, weights and test metrics as the uninterrupted run.
     (Only 02 is executed, to keep the test short; `hybridlib run --resume` runs all five the same way.)"""
@@ -373,6 +373,7 @@ def test_kill_mid_epoch_then_hybridlib_resume(tmp_path, outputs, tiny_params, re
     assert pipeline.resume(run_dir, progress=False) == run_dir
     assert (run_dir / "02_training.ipynb").is_file()
     assert_same_as_reference(run_dir, reference)
+    assert "Passed unknown parameter" not in caplog.text  # 02 declares resume
 
 
 def test_resume_rewrites_a_log_that_missed_the_last_epoch(reference, tmp_path):
