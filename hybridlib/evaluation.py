@@ -206,8 +206,9 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: dict[s
 
 def metrics_table(metrics: dict[str, Any]):
     """Headline numbers and per-class scores of a metrics dict as DataFrames (for notebooks)."""
-    head = pd.Series({k: metrics[k] for k in ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch",
-                                              "train_seconds", "num_parameters") if k in metrics}, name="value")
+    keys = ("test_accuracy", "test_macro_f1", "best_val_accuracy", "best_epoch", "train_seconds", "num_parameters")
+    head = pd.Series({k: round(metrics[k], 4) if isinstance(metrics[k], float) else metrics[k] for k in keys
+                      if k in metrics}, name="value", dtype=object)  # object: 4398952 and 0.59, not 4.398952e+06
     display(head.to_frame())
     return pd.DataFrame(metrics["per_class"]).T.round(4)
 
