@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -9,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hybridlib.config import Config
-from hybridlib.errors import RunError
+from hybridlib.config import Config, read_params_file
+from hybridlib.errors import ConfigError, RunError
 from hybridlib.files import (
     LAST_FILE,
     LOG_FILE,
@@ -97,6 +98,9 @@ def list_runs(root: Path | None = None) -> list[dict[str, Any]]:
                 except RunError as e:  # listed all the same: a damaged run never hides the others
                     m = {"damaged": str(e)}
                 info.update(dataset=m.get("dataset"), test_accuracy=m.get("test_accuracy"), damaged=m.get("damaged"))
+            else:  # trained, not evaluated yet: its dataset all the same
+                with contextlib.suppress(ConfigError):
+                    info["dataset"] = read_params_file(d / PARAMS_FILE).get("dataset")
             runs.append(info)
     return sorted(runs, key=lambda r: r["mtime"], reverse=True)
 

@@ -69,6 +69,17 @@ def test_the_run_picker_lists_a_run_with_damaged_metrics(tiny_run, tmp_path):
     assert runs[bad.name]["test_accuracy"] is None and "is damaged" in runs[bad.name]["damaged"]
 
 
+def test_the_run_picker_names_the_dataset_of_a_run_not_evaluated_yet(tiny_run, tmp_path):
+    for name, params in (("trained", None), ("bad-params", "epochs: [1, 2\n")):
+        shutil.copytree(tiny_run, tmp_path / name)
+        (tmp_path / name / "metrics.json").unlink()
+        if params:
+            (tmp_path / name / PARAMS_FILE).write_text(params)
+    runs = {r["name"]: r for r in list_runs(tmp_path)}
+    assert runs["trained"]["dataset"] == "tiny" and runs["trained"]["test_accuracy"] is None
+    assert runs["bad-params"]["dataset"] is None  # listed all the same
+
+
 def test_a_params_file_that_no_longer_parses_is_named(tiny_run, tmp_path, capsys):
     bad = tmp_path / "bad-params"
     shutil.copytree(tiny_run, bad)
