@@ -4,6 +4,7 @@ encode the labels as class ids."""
 from __future__ import annotations
 
 import codecs
+import json
 import math
 import re
 from pathlib import Path
@@ -70,6 +71,9 @@ def load_raw(cfg: Config):
             if _caused_by(e, UnicodeDecodeError):  # name the file and line, which datasets does not
                 for p in files.values():
                     _check_decodes(p, cfg.encoding)
+            for p in files.values():
+                if p.suffix == ".jsonl":
+                    _check_json_lines(p, cfg.encoding)
             cause = e.__cause__ or e.__context__
             detail = f"{e} ({type(cause).__name__}: {cause})" if cause is not None else str(e)
             raise DataError(f"Could not read the data files in {folder}: {detail}") from None
@@ -145,6 +149,21 @@ def _check_decodes(path: Path, encoding: str) -> None:
                     f"parameter encoding to the file's encoding (-p encoding latin-1, or encoding: cp1252 in the "
                     f"params file)."
                 ) from None
+
+
+def _check_json_lines(path: Path, encoding: str) -> None:
+    """Raise a DataError naming the first line of a .jsonl file that is not one JSON object (file, line, why)."""
+    with open(path, encoding=encoding, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                ok = not line.strip() or isinstance(json.loads(line), dict)
+            except ValueError as e:
+                ok, why = False, str(e)
+            else:
+                why = "not an object"
+            if not ok:
+                raise DataError(f"{path}, line {number}: not one JSON object ({why}). Each line of a .jsonl file "
+                                f"holds one object, e.g. {{\"text\": \"...\", \"label\": 0}}; fix or remove that line.")
 
 
 def natural_key(value) -> list:

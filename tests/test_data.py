@@ -82,6 +82,15 @@ def test_formats_give_the_same_result(tmp_path, cfg_for, tiny_tokenizer):
     assert results["parquet"] == results["csv"] == results["jsonl"]
 
 
+def test_a_broken_jsonl_line_is_named_by_file_and_line(tmp_path, cfg_for):
+    folder = fixtures.make_tiny_dataset(tmp_path / "j", n_train=30, n_test=10, fmt="jsonl")
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    lines[11] = lines[11].replace(",", "", 1)  # '{"text": "..." "label": 2}'
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl, line 12: not one JSON object \(Expecting ',' delimiter"):
+        load_raw(cfg_for(folder))
+
+
 def test_a_split_in_two_files_is_refused(tmp_path, cfg_for):
     """train.csv beside train.parquet: which one is meant is the user's call, not a silent pick."""
     folder = fixtures.make_tiny_dataset(tmp_path / "both", n_train=30, n_test=10)
