@@ -6,10 +6,12 @@ the same splits without tokenizing twice.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 
 from hybridlib.config import Config
 from hybridlib.errors import DataError
@@ -61,6 +63,11 @@ def split_train_val(dsd, cfg: Config):
     except ValueError:  # a class too rare to stratify: fall back to a plain seeded split
         parts = train.train_test_split(test_size=n_val, seed=cfg.seed)
     val = parts["test"]
+    counts = np.bincount(parts["train"].with_format("numpy")["label"], minlength=n_classes)
+    if not counts.all():
+        missing = [name for name, n in zip(train.features["label"].names, counts) if n == 0]
+        warnings.warn(f"No training text has the class(es) {missing}: the model cannot learn them, and macro F1 counts "
+                      f"them as 0. Add training texts for them, or leave them out of label_names.", stacklevel=2)
     if cfg.max_eval_samples:
         if cfg.max_eval_samples < len(val):
             val = val.select(range(cfg.max_eval_samples))

@@ -4,6 +4,7 @@ splitting, batching."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import fixtures
 import numpy as np
@@ -424,6 +425,18 @@ def test_max_eval_samples(tiny_cfg, tiny_tokenizer):
     other = prepare_data(dataclasses.replace(tiny_cfg, seed=tiny_cfg.seed + 1), tokenizer=tiny_tokenizer)
     assert other.splits["test"]["text"] == d.splits["test"]["text"]  # runs over seeds score the same test texts
     assert other.splits["validation"]["text"] != d.splits["validation"]["text"]  # (their validation is their own)
+
+
+def test_a_class_without_training_texts_is_warned_about(tmp_path, cfg_for, tiny_tokenizer):
+    """A class named in label_names (or seen only in test) that no training text has: said, not silently kept."""
+    folder = fixtures.make_tiny_dataset(tmp_path / "w", n_train=60, n_test=20)
+    names = ["sports", "business", "science", "politics"]
+    with pytest.warns(UserWarning, match=r"No training text has the class\(es\) \['politics'\]"):
+        d = prepare_data(cfg_for(folder, label_names=names), tokenizer=tiny_tokenizer)
+    assert d.label_names == names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)  # every class has training texts: no warning
 
 
 def test_too_small_for_validation(tiny_cfg, tiny_tokenizer):
