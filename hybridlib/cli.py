@@ -136,6 +136,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
             print(json.dumps({"text": t, **r}))
         return 0
     names = predictor.label_names
+    if a.ensemble:
+        print("The run's ensemble: the model with its classic baseline, as its metrics.json measured.")
     width = max(8, *(len(n) for n in names))
     print(f"{'label':<{width}}  " + "  ".join(f"{n[:10]:>10}" for n in names) + "  text")
     for t, r in zip(texts, results, strict=True):
@@ -174,11 +176,16 @@ def cmd_params(a: argparse.Namespace) -> int:
     return 0
 
 
+def command(sub: Any, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose `hybridlib NAME --help` says what it does (its description defaults to its help)."""
+    return sub.add_parser(name, help=help, description=kwargs.pop("description", help), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridlib", description="CNN ∥ BiLSTM text classification, run by notebooks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="Execute the numbered notebooks with papermill into outputs/<run_name>/.")
+    p = command(sub, "run", help="Execute the numbered notebooks with papermill into outputs/<run_name>/.")
     p.add_argument("params", nargs="?", help="Params YAML, e.g. params/imdb.yaml.")
     p.add_argument("--run-name", help="Name of the run folder (default: <dataset>-<timestamp>); must not exist.")
     p.add_argument("--resume", metavar="RUN_DIR", help="Continue an interrupted run (its last.pt) and finish its notebooks.")
@@ -187,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
-        "train", help="Train only (no notebooks): on num_processes processes here, or as one rank under torchrun.",
+    p = command(
+        sub, "train", help="Train only (no notebooks): on num_processes processes here, or as one rank under torchrun.",
         description="Train a run without executing the notebooks. Under torchrun (several GPUs or machines): "
         "torchrun --nproc-per-node 4 -m hybridlib train params/ag_news.yaml --run-name NAME. "
         "Evaluate afterwards with `hybridlib run --resume RUN`.")
@@ -198,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="Evaluate a checkpoint on a dataset split.")
+    p = command(sub, "evaluate", help="Evaluate a checkpoint on a dataset split.")
     p.add_argument("--checkpoint", required=True, help="A run's model.pt (or the run folder).")
     p.add_argument("--dataset", help="Dataset to evaluate on (default: the checkpoint's).")
     p.add_argument("--split", default="test", help="test (default), validation or train.")
@@ -206,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="Predict labels and class probabilities for texts.")
+    p = command(sub, "predict", help="Predict labels and class probabilities for texts.")
     p.add_argument("--checkpoint", required=True, help="A run's model.pt (or the run folder).")
     p.add_argument("--text", action="append", help="A text to classify (repeatable).")
     p.add_argument("--file", help="A file with one text per line.")
@@ -216,16 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Combine with the run's classic baseline, as its metrics.json 'ensembles' measured.")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("visualize", help="Write a run's plots and print its metrics.")
+    p = command(sub, "visualize", help="Write a run's plots and print its metrics.")
     p.add_argument("--run-dir", required=True, help="A run folder, e.g. outputs/imdb-20260101-120000.")
     p.set_defaults(func=cmd_visualize)
 
-    p = sub.add_parser("compare", help="Tabulate runs side by side (mean ± std over seeds) and overlay their curves.")
+    p = command(sub, "compare", help="Tabulate runs side by side (mean ± std over seeds) and overlay their curves.")
     p.add_argument("runs", nargs="+", help="Run folders, e.g. outputs/imdb-*.")
     p.add_argument("--out", default="outputs/comparison", help="Where to write comparison.md/.csv and val_curves.png.")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("params", help="List every parameter with its type, default and meaning.")
+    p = command(sub, "params", help="List every parameter with its type, default and meaning.")
     p.set_defaults(func=cmd_params)
     return parser
 

@@ -335,8 +335,9 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML params file into a dict, with clear errors for missing files and bad YAML."""
     path = Path(path)
     if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise ConfigError(
-            f"Params file '{path}' does not exist. Pass an existing YAML file, e.g. params/ag_news.yaml or params/imdb.yaml."
+            f"Params file '{path}' {what}. Pass an existing YAML file, e.g. params/ag_news.yaml or params/imdb.yaml."
         )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)

@@ -261,7 +261,8 @@ def resume(run_dir: str | Path, notebooks_dir=None, progress=True) -> Path:
     """Continue an interrupted run from its last.pt and re-execute its notebooks."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / PARAMS_FILE).is_file():
-        raise RunError(f"{run_dir} is not a hybridlib run (no {PARAMS_FILE}); pass a folder under outputs/.")
+        what = "is not a hybridlib run (no params.yaml)" if run_dir.is_dir() else "does not exist"
+        raise RunError(f"{run_dir} {what}; pass a run folder under outputs/.")
     with run_lock(run_dir):  # before looking at its files: another process may be writing them
         resuming = (run_dir / LAST_FILE).is_file()
         if not resuming and (run_dir / MODEL_FILE).is_file():

@@ -152,9 +152,11 @@ def test_a_run_name_or_device_that_cannot_be_is_refused_before_a_folder_exists(t
 
 
 def test_resume_argument_errors(tmp_path, capsys):
-    assert_clean_error(cli_here(capsys, "run", "--resume", tmp_path / "no-such-run"), "no-such-run", "not a hybridlib run")
+    assert_clean_error(cli_here(capsys, "run", "--resume", tmp_path / "no-such-run"), "no-such-run does not exist")
     run = tmp_path / "run"
     run.mkdir()
+    assert_clean_error(cli_here(capsys, "run", "--resume", run), "run is not a hybridlib run (no params.yaml)")
+    assert_clean_error(cli_here(capsys, "run", run), f"Params file '{run}' is a folder, not a file")
     (run / "params.yaml").write_text("epochs: 1\n")
     assert_clean_error(cli_here(capsys, "run", "--resume", run, "-p", "epochs", "5"), "--resume takes only the run folder")
     (run / "model.pt").write_bytes(b"x")  # a finished run without last.pt

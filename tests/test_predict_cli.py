@@ -94,3 +94,5 @@ def test_ensemble_flag(checkpoint, predict):
     assert m != pytest.approx(p, abs=1e-6)  # the stack is not the model alone
     served = Predictor.from_run(checkpoint.parent, ensemble=True).predict(text)[0]["probabilities"]
     assert m == pytest.approx(served, abs=1e-6)  # the CLI serves exactly the library's ensemble
+    code, table, err = predict("--checkpoint", checkpoint, "--ensemble", "--text", text)
+    assert code == 0 and table.startswith("The run's ensemble:"), err  # the table says whose predictions it shows
