@@ -80,9 +80,18 @@ def preflight(cfg: Config) -> None:
     """Fail before a run starts if its data or tokenizer cannot be found or loaded (local folders: pinned in ``cfg``)."""
     pin_locations(cfg)
     resolve_precision(cfg.precision, resolve_device(cfg.device))  # a device or precision this machine lacks
-    load_tokenizer(cfg.tokenizer)
+    problems = []
+    try:
+        load_tokenizer(cfg.tokenizer)
+    except DataError as e:
+        problems.append(str(e))
     if data_folder(cfg) is None and not hub_reachable():
-        load_raw(cfg)  # offline: succeeds only from the local datasets cache, else a clear DataError
+        try:
+            load_raw(cfg)  # offline: succeeds only from the local datasets cache
+        except DataError as e:
+            problems.append(str(e))
+    if problems:  # offline, the tokenizer and the dataset may both be missing: both said at once
+        raise DataError(" ".join(problems))
 
 
 @dataclass

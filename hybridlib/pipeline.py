@@ -37,7 +37,14 @@ from hybridlib.files import (
 )
 from hybridlib.locations import project_root
 from hybridlib.runlock import child_env, run_lock
-from hybridlib.runs import check_run_dir, create_run_dir, default_run_name, outputs_root, read_history
+from hybridlib.runs import (
+    check_new_run_dir,
+    check_run_dir,
+    create_run_dir,
+    default_run_name,
+    outputs_root,
+    read_history,
+)
 from hybridlib.runtime import PROGRESS_ENV, dist_info
 from hybridlib.training import TrainResult, fit, train
 
@@ -58,10 +65,11 @@ def prepare_run(cfg: Config, run_name: str | None = None, outputs: str | Path | 
         raise RunError("resume is for a run that exists: `hybridlib run --resume outputs/RUN` (no params file).")
     if run_name is not None and (Path(run_name).name != run_name or run_name in (".", "..")):
         raise RunError(f"--run-name {run_name!r} is a path; give a folder name (runs go under --outputs DIR).")
-    preflight(cfg)  # a missing dataset/tokenizer fails here, before a run folder exists
     root = Path(outputs) if outputs else outputs_root()
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else root / (run_name or default_run_name(cfg, root))
-    run_dir = create_run_dir(run_dir.resolve())
+    run_dir = (Path(cfg.run_dir) if cfg.run_dir else root / (run_name or default_run_name(cfg, root))).resolve()
+    check_new_run_dir(run_dir)  # a taken name: said at once, before the slower checks
+    preflight(cfg)  # a missing dataset/tokenizer fails here, before a run folder exists
+    run_dir = create_run_dir(run_dir)
     cfg.run_dir = str(run_dir)
     try:
         write_text(run_dir / PARAMS_FILE, cfg.to_yaml())

@@ -43,13 +43,18 @@ def default_run_name(cfg: Config, root: Path | None = None) -> str:
     return f"{name}-{suffix}" if taken else name
 
 
-def create_run_dir(path: Path) -> Path:
-    """Create a new, empty run folder; refuse one that exists (runs are never overwritten)."""
+def check_new_run_dir(path: Path) -> None:
+    """Refuse a run folder that exists (runs are never overwritten)."""
     if path.exists():
         raise RunError(
             f"Run folder {path} already exists; hybridlib never overwrites a run. Pick another --run-name, "
             f"or continue that run with `hybridlib run --resume {path}`."
         )
+
+
+def create_run_dir(path: Path) -> Path:
+    """Create a new, empty run folder; refuse one that exists."""
+    check_new_run_dir(path)
     with refused_as_run_error(path, "create the run folder"):
         path.mkdir(parents=True)
     return path

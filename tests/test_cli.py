@@ -149,6 +149,9 @@ def test_a_run_name_or_device_that_cannot_be_is_refused_before_a_folder_exists(t
             assert res.returncode == 2
             assert_clean_error(res, "CUDA")
     assert not out.exists() and not (tmp_path / "escaped").exists()
+    (out / "taken").mkdir(parents=True)  # a taken name is said first, before the data and tokenizer checks
+    res = cli_here(capsys, "run", tiny_params, "--outputs", out, "--run-name", "taken", "-p", "device", "cuda:99")
+    assert_clean_error(res, "taken already exists")
 
 
 def test_resume_argument_errors(tmp_path, capsys):
@@ -182,8 +185,10 @@ def _closed_port() -> int:
         (["-p", "dataset", "hybridlib_no_such_dataset", "-p", "data_dir", "null"],
          ["hybridlib_no_such_dataset", "unreachable", "data_dir", "HYBRIDLIB_DATA_DIR"]),
         (["-p", "tokenizer", "bert-base-uncased"], ["bert-base-uncased", "unreachable", "local folder", "HYBRIDLIB_TOKENIZERS_DIR"]),
+        (["-p", "tokenizer", "bert-base-uncased", "-p", "dataset", "hybridlib_no_such_dataset", "-p", "data_dir", "null"],
+         ["Tokenizer 'bert-base-uncased'", "Dataset 'hybridlib_no_such_dataset'"]),  # both at once
     ],
-    ids=["hub_dataset", "hub_tokenizer"],
+    ids=["hub_dataset", "hub_tokenizer", "hub_both"],
 )
 def test_run_offline_hub_names_fail_fast_with_a_local_files_hint(tiny_params, tmp_path, override, needles):
     """`python -m hybridlib run` with HF_HUB_OFFLINE *unset* (a fresh process, so the Hugging Face libraries start
