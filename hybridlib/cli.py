@@ -11,7 +11,6 @@ from typing import Any
 
 from hybridlib.config import Config, describe, load_config, parse_cli_value, validate
 from hybridlib.errors import HybridlibError
-from hybridlib.files import METRICS_FILE, MODEL_FILE, read_json
 from hybridlib.locations import pin_locations
 
 # Each command imports the modules it runs when it starts, so that --help, `hybridlib params` and a refused
@@ -57,6 +56,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         from hybridlib import pipeline
 
         run_dir = pipeline.run(cfg, a.run_name, a.outputs, a.notebooks)
+    from hybridlib.files import METRICS_FILE, read_json
+
     metrics = Path(run_dir) / METRICS_FILE
     print(f"Run finished: {run_dir}")
     if metrics.is_file():
@@ -90,6 +91,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         over["dataset"] = a.dataset
     _existing(a.checkpoint, "a finished run's folder or its model.pt (outputs/RUN/model.pt)")
     from hybridlib.evaluation import evaluate_checkpoint
+    from hybridlib.files import MODEL_FILE
 
     path = Path(a.checkpoint) / MODEL_FILE if Path(a.checkpoint).is_dir() else Path(a.checkpoint)
     out = evaluate_checkpoint(path, a.split, over, progress=not a.json)

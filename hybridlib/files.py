@@ -70,20 +70,22 @@ def atomic_write(path: str | Path, write: Callable[[str], None], size: int | Non
 # what the file system says when it refuses a path (not a full disk: that has its own message)
 _REFUSALS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
              errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
-             errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder",
-             errno.ENOENT: "a folder on the path does not exist and cannot be made there"}
+             errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder"}
+_CANNOT_MAKE = "a folder on the path does not exist and cannot be made there"  # ENOENT from mkdir(parents=True)
 
 
 @contextmanager
-def refused_as_run_error(path: str | Path, doing: str) -> Iterator[None]:
-    """Turn the file system's refusal (read-only, no permission, a file where a folder should be) while
-    ``doing`` ``path`` into a RunError that names the path, the reason and the fix."""
+def refused_as_run_error(path: str | Path, doing: str, creating: bool = False) -> Iterator[None]:
+    """Turn the file system's refusal (read-only, no permission, a file where a folder should be; ``creating``: a
+    folder that cannot be made there) while ``doing`` ``path`` into a RunError that names the path, the reason and
+    the fix."""
     try:
         yield
     except OSError as e:
-        if e.errno not in _REFUSALS:
+        reason = _REFUSALS.get(e.errno) or (_CANNOT_MAKE if creating and e.errno == errno.ENOENT else None)
+        if reason is None:
             raise
-        raise RunError(f"Cannot {doing} {path}: {_REFUSALS[e.errno]} ({e.strerror}: {e.filename or path}). "
+        raise RunError(f"Cannot {doing} {path}: {reason} ({e.strerror}: {e.filename or path}). "
                        f"Use a folder you can write to (e.g. --outputs DIR or $HYBRIDLIB_OUTPUTS for runs), or fix "
                        f"its permissions; nothing was left behind.") from None
 

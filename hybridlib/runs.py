@@ -55,7 +55,7 @@ def check_new_run_dir(path: Path) -> None:
 def create_run_dir(path: Path) -> Path:
     """Create a new, empty run folder; refuse one that exists."""
     check_new_run_dir(path)
-    with refused_as_run_error(path, "create the run folder"):
+    with refused_as_run_error(path, "create the run folder", creating=True):
         path.mkdir(parents=True)
     return path
 

@@ -44,7 +44,8 @@ def test_outputs_through_a_file_is_refused_by_name(tiny_params, tmp_path, capsys
 
 
 @pytest.mark.parametrize("code,reason", [(errno.EROFS, "the file system is read-only"),
-                                         (errno.EACCES, "permission denied")])
+                                         (errno.EACCES, "permission denied"),
+                                         (errno.ENOENT, "a folder on the path does not exist and cannot be made")])
 def test_read_only_outputs_are_refused_and_nothing_is_left(tiny_params, tmp_path, capsys, monkeypatch, code, reason):
     outputs = tmp_path / "outputs"
     outputs.mkdir()
