@@ -46,11 +46,20 @@ def tokenize(dsd, tok, cfg: Config):
 TEST_SAMPLE_SEED = 0
 
 
+def sample(dsd, cfg: Config):
+    """A quick run's texts, taken before tokenizing (a quick run tokenizes only what it uses): at most
+    max_train_samples training texts (seeded) and max_eval_samples test texts (one sample for every seed)."""
+    out = dict(dsd)
+    if cfg.max_train_samples and cfg.max_train_samples < len(out["train"]):
+        out["train"] = out["train"].shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(out["test"]):  # the same test texts for runs over seeds
+        out["test"] = out["test"].shuffle(seed=TEST_SAMPLE_SEED).select(range(cfg.max_eval_samples))
+    return datasets.DatasetDict(out)
+
+
 def split_train_val(dsd, cfg: Config):
-    """train/validation (stratified, seeded) from train; test as given; sample caps applied."""
+    """train/validation (stratified, seeded) from train; test as given; at most max_eval_samples validation texts."""
     train, test = dsd["train"], dsd["test"]
-    if cfg.max_train_samples and cfg.max_train_samples < len(train):
-        train = train.shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
     n_classes = train.features["label"].num_classes
     n_val = round(len(train) * cfg.val_size)
     if n_val < n_classes or len(train) - n_val < n_classes:
@@ -68,11 +77,8 @@ def split_train_val(dsd, cfg: Config):
         missing = [name for name, n in zip(train.features["label"].names, counts) if n == 0]
         warnings.warn(f"No training text has the class(es) {missing}: the model cannot learn them, and macro F1 counts "
                       f"them as 0. Add training texts for them, or leave them out of label_names.", stacklevel=2)
-    if cfg.max_eval_samples:
-        if cfg.max_eval_samples < len(val):
-            val = val.select(range(cfg.max_eval_samples))
-        if cfg.max_eval_samples < len(test):  # one sample for every seed: runs over seeds score the same texts
-            test = test.shuffle(seed=TEST_SAMPLE_SEED).select(range(cfg.max_eval_samples))
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(val):
+        val = val.select(range(cfg.max_eval_samples))
     return datasets.DatasetDict({"train": parts["train"], "validation": val, "test": test})
 
 
@@ -116,5 +122,5 @@ def prepare_data(cfg: Config, tokenizer=None) -> Data:
     """Load, check, tokenize (cached) and split the data described by ``cfg``."""
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
     raw, names = encode_labels(load_raw(cfg), cfg)
-    splits = split_train_val(tokenize(raw, tok, cfg), cfg)
+    splits = split_train_val(tokenize(sample(raw, cfg), tok, cfg), cfg)
     return Data(splits=splits, label_names=names, tokenizer=tok, tokenizer_id=tokenizer_fingerprint(tok))

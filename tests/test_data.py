@@ -23,7 +23,7 @@ from hybridlib.locations import data_folder, tokenizer_folder
 from hybridlib.rawdata import load_raw, natural_key
 from hybridlib.runs import start_run
 from hybridlib.runtime import Dist
-from hybridlib.tokens import load_tokenizer, tokenizer_fingerprint
+from hybridlib.tokens import encode_texts, load_tokenizer, tokenizer_fingerprint
 
 
 @pytest.fixture
@@ -414,6 +414,17 @@ def test_max_train_samples(tiny_cfg, tiny_tokenizer):
     assert len(d.splits["train"]) + len(d.splits["validation"]) == 100
     assert len(d.splits["validation"]) == round(100 * tiny_cfg.val_size)
     assert len(d.splits["test"]) == 80
+
+
+def test_a_quick_run_tokenizes_only_its_sample(tiny_cfg, tiny_tokenizer, monkeypatch):
+    """The sample caps are applied before tokenizing: a quick run on a big corpus does not tokenize all of it."""
+    encoded = []
+    monkeypatch.setattr(hd, "encode_texts", lambda tok, texts, *a: encoded.append(len(texts)) or encode_texts(tok, texts, *a))
+    tiny_cfg.max_train_samples, tiny_cfg.max_eval_samples = 100, 10
+    tiny_cfg.max_length = 37  # a tokenization no other test caches
+    d = prepare_data(tiny_cfg, tokenizer=tiny_tokenizer)
+    assert sum(encoded) == 100 + 10  # of 240 + 80
+    assert len(d.splits["train"]) == 100 - round(100 * tiny_cfg.val_size) and len(d.splits["test"]) == 10
 
 
 def test_max_eval_samples(tiny_cfg, tiny_tokenizer):
