@@ -258,9 +258,11 @@ def encode_labels(raw, cfg: Config):
         bad = [v for v in values if v not in allowed]
         if bad:
             expect = f"ids 0..{len(names) - 1}" if is_int else f"one of {names}"
+            ids = " They look like class ids written as text: write them as numbers in the data." \
+                if all(str(v).isdigit() for v in values) else ""
             raise DataError(
                 f"Labels {bad[:10]} are outside label_names {names} (expected {expect}). "
-                f"Fix label_names or the data."
+                f"Fix label_names or the data.{ids}"
             )
     else:
         if is_int and values != list(range(len(values))):

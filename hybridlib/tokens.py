@@ -18,6 +18,9 @@ def load_tokenizer(name: str):
 
     local = tokenizer_folder(name)
     if local is not None:
+        if not any((local / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):  # before transformers
+            raise DataError(f"Tokenizer folder '{name}' holds no tokenizer: it needs tokenizer.json, or vocab.txt + "
+                            f"tokenizer_config.json. Point 'tokenizer' at such a folder (e.g. a run's tokenizer/).")
         try:
             tok = AutoTokenizer.from_pretrained(str(local), use_fast=True)
         except Exception as e:  # transformers raises many types here

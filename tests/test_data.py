@@ -235,6 +235,15 @@ def test_string_label_outside_label_names(tmp_path, cfg_for, tiny_tokenizer, whe
     assert bad in str(e.value) and "label_names" in str(e.value)
 
 
+def test_ids_written_as_text_are_pointed_out(tmp_path, cfg_for, tiny_tokenizer):
+    folder = tmp_path / "digits"
+    texts = [f"text {i}" for i in range(30)]
+    for split, n in (("train", 30), ("test", 6)):
+        write_parquet(folder, split, {"text": texts[:n], "label": [str(i % 3) for i in range(n)]})
+    with pytest.raises(DataError, match="class ids written as text: write them as numbers"):
+        prepare_data(cfg_for(folder), tokenizer=tiny_tokenizer)  # label_names: sports, business, science
+
+
 def test_int_labels_not_0_to_k(tmp_path, cfg_for, tiny_tokenizer):
     folder = tmp_path / "gap"
     texts = [f"text {i}" for i in range(40)]
@@ -489,8 +498,11 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(str(f))
     empty = tmp_path / "empty_tok"
     empty.mkdir()
-    with pytest.raises(DataError, match="empty_tok"):
+    (empty / "train.csv").write_text("text,label\n")  # e.g. a data folder given as the tokenizer
+    with pytest.raises(DataError) as e:
         load_tokenizer(str(empty))
+    assert str(e.value).startswith(f"Tokenizer folder '{empty}' holds no tokenizer: it needs tokenizer.json")
+    assert "sentencepiece" not in str(e.value)  # not transformers' guesses at other tokenizer kinds
 
 
 def test_tokenizer_fingerprint(tiny_tokenizer, tmp_path):
