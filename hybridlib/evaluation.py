@@ -199,8 +199,9 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: dict[s
     res = evaluate_split(model, data.splits[split], cfg, data.pad_id, progress, threads)
     m = compute_metrics(res["labels"], res["preds"], data.label_names)
     cap = "max_train_samples" if split == "train" else "max_eval_samples"
+    sampled = getattr(cfg, cap) and (split == "train" or len(res["labels"]) == getattr(cfg, cap))  # the cap cut it
     m.update(split=split, dataset=cfg.dataset, num_examples=int(len(res["labels"])), checkpoint=str(path),
-             sample_cap={cap: getattr(cfg, cap)} if getattr(cfg, cap) else None)
+             sample_cap={cap: getattr(cfg, cap)} if sampled else None)
     return {"metrics": m, "report": report_text(res["labels"], res["preds"], data.label_names)}
 
 
