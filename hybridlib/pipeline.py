@@ -132,7 +132,10 @@ def notebook_error(e: PapermillExecutionError, name: str, run_dir: Path) -> RunE
     """The RunError for a notebook that stopped with an exception (a hybridlib error: its own message)."""
     kind = e.ename
     if kind in error_classes():
-        return RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name})")
+        fresh = "" if (run_dir / LAST_FILE).exists() else (
+            f" Nothing was trained in {run_dir} yet: fix the cause and start the run again (remove that folder "
+            f"to use its name again).")
+        return RunError(f"{name} stopped: {e.evalue} (executed notebook: {run_dir / name}).{fresh}")
     if reports_disk_full(kind, e.evalue):
         return RunError(
             f"{name} stopped: the disk holding {run_dir} is full ({e.evalue}); {format_bytes(free_bytes(run_dir))} "

@@ -443,6 +443,17 @@ def test_a_full_disk_inside_a_notebook_is_named(tmp_path, code):
     assert "failed with OSError" in str(pipeline.notebook_error(other, "04_visualization.ipynb", tmp_path))
 
 
+def test_a_run_that_stopped_before_training_says_how_to_start_again(tmp_path):
+    """A data error in 01 (fixed with a parameter): the folder holds nothing trained, and the message says so, with
+    how to reuse its name; once an epoch is saved, the advice is --resume's, not this."""
+    e = PapermillExecutionError(1, 1, "prepare_data(cfg)", "DataError", "Column 'body' not found", [])
+    msg = str(pipeline.notebook_error(e, "01_data_exploration.ipynb", tmp_path))
+    assert msg.startswith("01_data_exploration.ipynb stopped: Column 'body' not found (executed notebook:")
+    assert f"Nothing was trained in {tmp_path} yet" in msg and "remove that folder" in msg
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert "Nothing was trained" not in str(pipeline.notebook_error(e, "03_evaluation.ipynb", tmp_path))
+
+
 # ----------------------------------------------------------------------------- 4: labels as pandas writes them
 
 
