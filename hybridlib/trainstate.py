@@ -18,7 +18,7 @@ from hybridlib.checkpoints import (
 )
 from hybridlib.config import FIELDS, Config
 from hybridlib.data import Data
-from hybridlib.errors import RunError
+from hybridlib.errors import CheckpointError, RunError
 from hybridlib.files import (
     LAST_FILE,
     LOG_FILE,
@@ -101,7 +101,12 @@ def save_epoch(loop: Loop, kept: HybridClassifier, data: Data, improved: bool, r
 
 def resume_state(loop: Loop, dist: Dist) -> TrainState:
     """Load the run's last.pt into the loop (model, weight average, optimizer, ...) and the RNGs; its TrainState."""
-    saved = load_checkpoint(loop.run_dir / LAST_FILE, map_location=loop.device)
+    try:
+        saved = load_checkpoint(loop.run_dir / LAST_FILE, map_location=loop.device)
+    except CheckpointError as e:
+        raise RunError(f"Cannot resume {loop.run_dir}: {e} A resume continues from {LAST_FILE} only; the run's other "
+                       f"files are left as they are (its {MODEL_FILE}: the best epoch so far). Start a new run to "
+                       f"train again.") from None
     was = checkpoint_config(saved).group("data", "model")
     changed = [f"{k} {v!r} ({LAST_FILE}: {was[k]!r})" for k, v in loop.cfg.group("data", "model").items()
                if v != was[k] and not FIELDS[k].metadata.get("location")]

@@ -403,6 +403,18 @@ def test_a_resume_that_trains_nothing_keeps_the_training_record(reference, tmp_p
     assert json.loads((run_dir / "train_info.json").read_text()) == info
 
 
+def test_a_damaged_last_pt_says_the_run_cannot_be_resumed(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference["dir"], run_dir)
+    (run_dir / "last.pt").write_bytes((run_dir / "last.pt").read_bytes()[:5000])
+    cfg = load_config(run_dir / "params.yaml", {"resume": True, "run_dir": str(run_dir)})
+    with pytest.raises(RunError) as e:
+        training.train(cfg, run_dir, reference["data"], progress=False)
+    assert str(e.value).startswith(f"Cannot resume {run_dir}: '{run_dir / 'last.pt'}' is not a whole PyTorch checkpoint")
+    assert "Start a new run" in str(e.value)
+    assert sha256(run_dir / "model.pt") == sha256(reference["dir"] / "model.pt")
+
+
 def test_resume_refuses_params_edited_since_last_pt(reference, tmp_path):
     """A run's params.yaml edited after its last.pt (here a wider embedding): refused by name, not a state-dict error."""
     run_dir = tmp_path / "run"
