@@ -104,7 +104,7 @@ def resume_state(loop: Loop, dist: Dist) -> TrainState:
     try:
         saved = load_checkpoint(loop.run_dir / LAST_FILE, map_location=loop.device)
     except CheckpointError as e:
-        raise RunError(f"Cannot resume {loop.run_dir}: {e} A resume continues from {LAST_FILE} only; the run's other "
+        raise CheckpointError(f"Cannot resume {loop.run_dir}: {e} A resume continues from {LAST_FILE} only; the run's other "
                        f"files are left as they are (its {MODEL_FILE}: the best epoch so far). Start a new run to "
                        f"train again.") from None
     was = checkpoint_config(saved).group("data", "model")

@@ -408,7 +408,7 @@ def test_a_damaged_last_pt_says_the_run_cannot_be_resumed(reference, tmp_path):
     shutil.copytree(reference["dir"], run_dir)
     (run_dir / "last.pt").write_bytes((run_dir / "last.pt").read_bytes()[:5000])
     cfg = load_config(run_dir / "params.yaml", {"resume": True, "run_dir": str(run_dir)})
-    with pytest.raises(RunError) as e:
+    with pytest.raises(CheckpointError) as e:
         training.train(cfg, run_dir, reference["data"], progress=False)
     assert str(e.value).startswith(f"Cannot resume {run_dir}: '{run_dir / 'last.pt'}' is not a whole PyTorch checkpoint")
     assert "Start a new run" in str(e.value)
