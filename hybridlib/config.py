@@ -155,6 +155,11 @@ class Config:
         """The fields of the given groups, as a dict."""
         return {k: v for k, v in self.to_dict().items() if FIELDS[k].metadata["group"] in groups}
 
+    def differs_from(self, other: Config, *groups: str) -> list[str]:
+        """The fields of ``groups`` whose values differ from ``other``'s, where the data lies (``location``) aside."""
+        mine, theirs = self.group(*groups), other.group(*groups)
+        return [k for k in mine if mine[k] != theirs[k] and not FIELDS[k].metadata.get("location")]
+
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)

@@ -96,19 +96,18 @@ def notebook_run(namespace: dict[str, Any]) -> tuple[Config, Path]:
     if overrides:
         print(f"[hybridlib] set in the notebook, over the run's params.yaml: {_describe(overrides)}")
     cfg = load_config(run / PARAMS_FILE, {**overrides, "run_dir": str(run), "resume": False}, overrides_dir=root)
-    check_run_parameters(cfg, load_config(run / PARAMS_FILE), overrides)
+    check_run_parameters(cfg, load_config(run / PARAMS_FILE))
     return cfg, run
 
 
-def check_run_parameters(cfg: Config, saved: Config, overrides: dict[str, Any]) -> None:
+def check_run_parameters(cfg: Config, saved: Config) -> None:
     """Refuse a parameter that would score, plot or serve a trained run as something it is not: its data, model and
     training are its own (machine and run parameters, and where the data now lies, may be set)."""
-    for key in overrides:
-        meta = FIELDS[key].metadata
-        if meta["group"] in ("data", "model", "training") and not meta.get("location") \
-                and getattr(cfg, key) != getattr(saved, key):
-            raise ConfigError(
-                f"Parameter '{key}' is {getattr(cfg, key)!r} here but {getattr(saved, key)!r} in the run's "
-                f"{PARAMS_FILE}: this notebook reads a trained run, whose data, model and training are its own. "
-                f"Remove it here (machine and run parameters, e.g. eval_batch_size or baseline, may be set), or "
-                f"train a new run with it (01/02, or `hybridlib run ... -p {key} ...`).")
+    changed = cfg.differs_from(saved, "data", "model", "training")
+    if changed:
+        key = changed[0]
+        raise ConfigError(
+            f"Parameter '{key}' is {getattr(cfg, key)!r} here but {getattr(saved, key)!r} in the run's "
+            f"{PARAMS_FILE}: this notebook reads a trained run, whose data, model and training are its own. "
+            f"Remove it here (machine and run parameters, e.g. eval_batch_size or baseline, may be set), or "
+            f"train a new run with it (01/02, or `hybridlib run ... -p {key} ...`).")

@@ -16,7 +16,7 @@ from hybridlib.checkpoints import (
     model_checkpoint,
     save_checkpoint,
 )
-from hybridlib.config import FIELDS, Config
+from hybridlib.config import Config
 from hybridlib.data import Data
 from hybridlib.errors import CheckpointError, RunError
 from hybridlib.files import (
@@ -107,9 +107,9 @@ def resume_state(loop: Loop, dist: Dist) -> TrainState:
         raise CheckpointError(f"Cannot resume {loop.run_dir}: {e} A resume continues from {LAST_FILE} only; the run's other "
                        f"files are left as they are (its {MODEL_FILE}: the best epoch so far). Start a new run to "
                        f"train again.") from None
-    was = checkpoint_config(saved).group("data", "model")
-    changed = [f"{k} {v!r} ({LAST_FILE}: {was[k]!r})" for k, v in loop.cfg.group("data", "model").items()
-               if v != was[k] and not FIELDS[k].metadata.get("location")]
+    was = checkpoint_config(saved)
+    changed = [f"{k} {getattr(loop.cfg, k)!r} ({LAST_FILE}: {getattr(was, k)!r})"
+               for k in loop.cfg.differs_from(was, "data", "model")]
     if changed:
         raise RunError(f"{loop.run_dir / PARAMS_FILE} no longer matches what {LAST_FILE} was trained with: "
                        f"{', '.join(changed)}. Put those values back to resume this run, or start a new run with them.")
